@@ -1,0 +1,314 @@
+"""The batch scheduler: gathers forwards from all inferlets into engine steps on one thread.
+
+Work-conserving: a lone forward runs at once; forwards arriving while a step runs gather into
+the next. Each step runs pending copy-on-write page copies, then one engine.execute over a batch
+planned under a token budget (see batching.py), then resolves the futures.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import cast
+
+from pie.control.batching import Chunk, PendingForward, plan_batch
+from pie.control.context import ContextManager, KvContext
+from pie.control.engine_port import EnginePort
+from pie.control.errors import (
+    ControlError,
+    ForwardCancelledError,
+    InvalidRequestError,
+    SchedulerStoppedError,
+)
+from pie.control.forward import ForwardRequest, build_sequence, check_request
+from pie.engine.errors import EngineError
+from pie.engine.request import ForwardBatch, SampleResult
+
+CopyOp = tuple[int, int, int]  # (src page, dst page, slots to copy)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    steps: int  # engine steps run
+    forwards: int  # forwards completed with results
+    tokens: int  # tokens run through the engine
+    mean_sequences_per_step: float
+    mean_tokens_per_step: float
+    queue_depth: int  # forwards waiting (or partly run) now
+
+
+class BatchScheduler:
+    """Owns the engine thread. Submit from any thread; results arrive through futures."""
+
+    def __init__(
+        self,
+        engine: EnginePort,
+        max_batch_tokens: int = 512,
+        max_batch_sequences: int = 256,
+        decode_tokens: int = 16,
+    ) -> None:
+        for name, value in [
+            ("max_batch_tokens", max_batch_tokens),
+            ("max_batch_sequences", max_batch_sequences),
+            ("decode_tokens", decode_tokens),
+        ]:
+            if value < 1:
+                raise InvalidRequestError(f"{name} must be at least 1, got {value}")
+        self.engine = engine
+        self.page_size = engine.page_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_sequences = max_batch_sequences
+        self.decode_tokens = decode_tokens  # forwards this short go first (decodes)
+        self._contexts: ContextManager | None = None
+        self._cond = threading.Condition()
+        self._waiting: list[PendingForward] = []  # FCFS; partly run forwards keep their place
+        self._running: list[Chunk] = []  # the step now inside the engine
+        self._copies: list[CopyOp] = []
+        self._unsettled: dict[KvContext, int] = {}  # forwards per context not yet settled
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._steps = self._forwards = self._tokens = self._sequences = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._stopping:
+                raise SchedulerStoppedError("the scheduler was stopped; create a new one")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="pie-batch-scheduler", daemon=True
+                )
+                self._thread.start()
+
+    def stop(self) -> None:
+        """Fail every forward not yet run, let the running step finish, end the thread."""
+        with self._cond:
+            self._stopping = True
+            victims = self._retire(self._waiting)
+            self._cond.notify_all()  # wake the engine thread even with nothing queued
+        self._settle(victims, error=SchedulerStoppedError("the scheduler stopped before it ran"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def bind_contexts(self, contexts: ContextManager) -> None:
+        if self._contexts is not None and self._contexts is not contexts:
+            raise ControlError("this scheduler already serves another ContextManager")
+        self._contexts = contexts
+
+    # ---- calls from inferlet threads ----------------------------------------------------------
+    def submit(self, request: ForwardRequest) -> Future[list[SampleResult]]:
+        """Reserve the forward's slots and queue it; problems come back through the future."""
+        future: Future[list[SampleResult]] = Future()
+        try:
+            forward = self._admit(request, future)
+        except (ControlError, EngineError) as exc:
+            future.set_exception(exc)
+            return future
+        with self._cond:
+            if not self._stopping:
+                self._waiting.append(forward)
+                ctx = request.context
+                self._unsettled[ctx] = self._unsettled.get(ctx, 0) + 1
+                self._cond.notify_all()
+                return future
+        future.set_exception(SchedulerStoppedError("the scheduler stopped; the forward won't run"))
+        return future
+
+    def cancel_owner(self, owner: int) -> int:
+        """Fail `owner`'s queued forwards and wait until none of its forwards is in the engine.
+
+        Returns how many were cancelled. Afterwards its pages can be freed safely.
+        """
+        with self._cond:
+            victims = self._retire([f for f in self._waiting if f.context.owner == owner])
+        self._settle(victims, error=ForwardCancelledError(f"instance {owner} was cancelled"))
+        with self._cond:
+            if threading.current_thread() is not self._thread:  # a future callback: step is over
+                self._cond.wait_for(
+                    lambda: all(c.forward.context.owner != owner for c in self._running)
+                )
+        return len(victims)
+
+    def wait_idle(self, ctx: KvContext) -> None:
+        """Return once no forward of `ctx` is queued or inside the engine."""
+
+        def idle() -> bool:
+            return ctx not in self._unsettled and all(
+                c.forward.context is not ctx for c in self._running
+            )
+
+        with self._cond:
+            if idle():
+                return
+            if threading.current_thread() is self._thread:
+                raise ControlError(
+                    "cannot wait for a busy context on the engine thread (a future callback); "
+                    "wait from the inferlet's thread"
+                )
+            if self._thread is None:
+                raise ControlError("forwards are queued but the scheduler is not running; start()")
+            self._cond.wait_for(idle)
+
+    def queue_copies(self, pairs: list[CopyOp]) -> None:
+        """Copy-on-write page copies, run before the next batch (before any later forward)."""
+        with self._cond:
+            self._copies.extend(pairs)
+            self._cond.notify_all()
+
+    @property
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            steps = max(self._steps, 1)
+            return SchedulerStats(
+                steps=self._steps,
+                forwards=self._forwards,
+                tokens=self._tokens,
+                mean_sequences_per_step=self._sequences / steps,
+                mean_tokens_per_step=self._tokens / steps,
+                queue_depth=len(self._waiting),
+            )
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        """The hub: wait for work, run CoW copies, one engine step, resolve its futures."""
+        try:
+            while (work := self._next_work()) is not None:
+                copies, chunks = work
+                if copies:
+                    chunks = self._copy_pages(copies, chunks)
+                error = self._execute(chunks) if chunks else None
+                self._finish_step(chunks, error)
+        except BaseException as exc:  # a bug here must not leave futures waiting forever
+            with self._cond:
+                self._stopping = True
+                victims = self._retire(self._waiting + [c.forward for c in self._running])
+                self._running = []
+            self._settle(victims, error=ControlError(f"the batch scheduler crashed: {exc!r}"))
+            raise
+
+    def _next_work(self) -> tuple[list[CopyOp], list[Chunk]] | None:
+        """Block until there is work; take the queued copies and plan the next batch."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._waiting or self._copies or self._stopping)
+            if self._stopping:
+                return None
+            # Copies and batch are taken together: a forward's CoW copy was queued before the
+            # forward itself, so it runs in this round or an earlier one, never after.
+            copies, self._copies = self._copies, []
+            chunks = plan_batch(
+                self._waiting, self.max_batch_tokens, self.max_batch_sequences, self.decode_tokens
+            )
+            assert chunks or not self._waiting, "plan_batch stalled on a non-empty queue"
+            self._waiting = [f for f in self._waiting if f.remaining > 0]
+            self._running = chunks
+            return copies, chunks
+
+    def _copy_pages(self, copies: list[CopyOp], chunks: list[Chunk]) -> list[Chunk]:
+        """Run the copies; if they fail, fail the forwards reading their destination pages."""
+        try:
+            self.engine.copy_pages(copies)
+            return chunks
+        except Exception as exc:
+            broken = {dst for _, dst, _ in copies}
+            with self._cond:
+                readers = self._waiting + [c.forward for c in chunks]
+                victims = self._retire([f for f in readers if broken & set(f.seq.page_ids)])
+                self._running = [c for c in chunks if not c.forward.settled]
+                kept = self._running
+            self._settle(victims, error=exc)
+            return kept
+
+    def _execute(self, chunks: list[Chunk]) -> Exception | None:
+        """One engine step; stores each chunk's outputs, or returns the error that failed it."""
+        try:
+            result = self.engine.execute(ForwardBatch([c.seq for c in chunks]))
+            counts = [len(outs) for outs in result.outputs]
+            if counts != [len(c.out_slots) for c in chunks]:
+                raise ControlError(f"the engine broke its contract: output counts {counts}")
+        except Exception as exc:
+            return exc
+        for chunk, outs in zip(chunks, result.outputs, strict=True):
+            for slot, out in zip(chunk.out_slots, outs, strict=True):
+                chunk.forward.results[slot] = out
+        return None
+
+    def _finish_step(self, chunks: list[Chunk], error: Exception | None) -> None:
+        with self._cond:
+            self._running = []
+            if chunks:
+                self._steps += 1
+                self._sequences += len(chunks)
+                self._tokens += sum(len(c.seq.tokens) for c in chunks)
+            ended = [c.forward for c in chunks if c.last or error is not None]
+            finished = self._retire(ended)
+            if error is None:
+                self._forwards += len(finished)
+        if error is not None:
+            self._settle(finished, error=error)
+            return
+        for forward in finished:  # every output slot was filled by one of its chunks
+            _resolve(forward.future, cast(list[SampleResult], forward.results), None)
+
+    # ---- bookkeeping (lock held) --------------------------------------------------------------
+    def _retire(self, forwards: Iterable[PendingForward]) -> list[PendingForward]:
+        """Mark forwards settled and drop them from the queue and the per-context counts.
+
+        Returns those not settled before; the caller resolves their futures after the lock.
+        """
+        fresh = [f for f in forwards if not f.settled]
+        for forward in fresh:
+            forward.settled = True
+            left = self._unsettled.pop(forward.context) - 1
+            if left:
+                self._unsettled[forward.context] = left
+        if fresh:
+            gone = set(fresh)
+            self._waiting = [f for f in self._waiting if f not in gone]
+            self._cond.notify_all()
+        return fresh
+
+    @staticmethod
+    def _settle(forwards: list[PendingForward], error: BaseException) -> None:
+        for forward in forwards:
+            _resolve(forward.future, None, error)
+
+    def _admit(self, request: ForwardRequest, future: Future[list[SampleResult]]) -> PendingForward:
+        """Check the request, reserve its slots and snapshot what it reads; undo on rejection."""
+        if self._stopping:
+            raise SchedulerStoppedError("the scheduler stopped; the forward won't run")
+        contexts = self._contexts
+        if contexts is None:
+            raise ControlError("no ContextManager uses this scheduler; create one with it first")
+        check_request(request)
+        ctx, n = request.context, len(request.tokens)
+        start, pages = contexts.reserve(ctx, n)
+        try:
+            seq, splittable = build_sequence(
+                request, start, pages, contexts.hidden_before(ctx, start)
+            )
+            if not splittable and n > self.max_batch_tokens:
+                raise InvalidRequestError(
+                    f"a forward of {n} tokens whose mask looks ahead cannot be split into "
+                    f"batches of {self.max_batch_tokens}; send fewer tokens per forward"
+                )
+            self.engine.validate(seq)
+        except BaseException:
+            contexts.unreserve(ctx, start, start + n)
+            raise
+        return PendingForward(seq, ctx, future, splittable, [None] * len(seq.outputs))
+
+
+def _resolve(
+    future: Future[list[SampleResult]],
+    result: list[SampleResult] | None,
+    error: BaseException | None,
+) -> None:
+    try:
+        if error is None:
+            future.set_result(cast(list[SampleResult], result))
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass  # the caller cancelled the future: nobody waits for the result

@@ -1,0 +1,398 @@
+"""bf16 CPU kernels for decode: C (pie.engine.cpu_kernels_c) built on first use and cached.
+
+Decoding a few sequences reads every weight once per token, so its speed is the speed of
+streaming weights. oneDNN's bf16 inner product pays ~10 us a call and streams ~32 GB/s on this
+project's 2-core machines; `PackedGemv` pays ~3 us, streams ~45 GB/s, and folds the RMSNorm
+before a matmul and the residual add or SwiGLU after it into the same pass. `decode_attention`
+attends one new token per sequence straight from the paged KV cache, where torch ops need a
+dozen calls and gathered copies. `load()` returns None where the kernels cannot run (not x86-64
+with AVX512-BF16, no C compiler, or PIE_CPU_KERNELS=0): callers then use torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pie.engine.cpu_kernels_c import SOURCE
+
+MAX_ROWS = 64  # rows (tokens) one PackedGemv call takes
+MODE_PLAIN, MODE_ADD, MODE_SWIGLU = 0, 1, 2
+BLOCK = 64  # outputs per packed weight block (fixed by the C kernel)
+ATTENTION_HEAD_DIMS = (64, 128)  # head sizes decode_attention is compiled for
+
+_FLAGS = [
+    "-O3",
+    "-shared",
+    "-fPIC",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512bf16",
+    "-fopenmp",  # binds to the libgomp torch already loaded: one thread pool, not two
+    f"-DPIE_MAX_ROWS={MAX_ROWS}",
+]
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class _PackedWeight(ctypes.Structure):
+    _fields_ = [
+        ("w", _P),
+        ("bias", _P),
+        ("n_blocks", _I64),
+        ("k_pairs", _I64),
+        ("k", _I64),
+        ("n_out", _I64),
+        ("mode", _I32),
+    ]
+
+
+_SIGNATURES: dict[str, list[type]] = {
+    # pw, x, x_stride, rows, norm_w, eps, residual, res_stride, y, y_stride, threads
+    "pie_gemv": [ctypes.POINTER(_PackedWeight), _P, _I64, _I64, _P, _F32, _P, _I64, _P, _I64, _I32],
+    # q, q_stride_b, q_stride_h, k_cache, v_cache, kv_rows, kv_lens, mask, batch, heads, kv_heads,
+    # dim, l_max, scale, out, k_new, k_new_stride, v_new, v_new_stride, slot_rows, threads
+    "pie_decode_attention": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32,
+                             _P, _P, _I64, _P, _I64, _P, _I32],
+    # x, x_stride, rows, k, w, eps, y, y_stride, threads
+    "pie_rms_norm": [_P, _I64, _I64, _I64, _P, _F32, _P, _I64, _I32],
+    # gu, gu_stride, rows, half, y, y_stride, threads
+    "pie_swiglu": [_P, _I64, _I64, _I64, _P, _I64, _I32],
+    # x, x_stride, tokens, heads, dim, positions, cos, sin, y, threads
+    "pie_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I32],
+}  # fmt: skip
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512_bf16", "avx512bw", "avx512vl"))
+
+
+def _cache_dir() -> Path:
+    """$PIE_CACHE_DIR/kernels, else ~/.cache/pie/kernels (the runtime caches beside it)."""
+    root = os.environ.get("PIE_CACHE_DIR") or os.path.join(Path.home(), ".cache", "pie")
+    return Path(root) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE once per (source, compiler, flags); ~0.5 s, then a cache hit."""
+    key = hashlib.sha256("\0".join([SOURCE, compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu-kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+        src.write_text(SOURCE)
+        cmd = [compiler, *_FLAGS, str(src), "-o", str(out), "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(out, target)  # atomic: a concurrent builder sees a whole file or none
+    return target
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot be built or run here."""
+    if os.environ.get("PIE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx512_bf16():
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def usable(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library if it loads here and `x` is a bf16 CPU tensor with contiguous rows."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(-1) != 1:
+        return None
+    return load()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with code {rc}; set PIE_CPU_KERNELS=0 to use torch ops")
+
+
+# ---- weight matmuls ------------------------------------------------------------------------------
+class HugePageArena:
+    """Memory for packed weights in 2 MiB pages, handed out in call order.
+
+    Decode streams every weight each step; with 4 KiB pages that is a TLB miss every 4 KiB
+    (~5% of the bandwidth on this project's machines). Chunks are advised MADV_HUGEPAGE before
+    their first write; where that fails (no Linux transparent huge pages) they stay plain memory.
+    """
+
+    _CHUNK = 64 << 20  # bytes per chunk, at least
+    _HUGE = 2 << 20
+
+    def __init__(self) -> None:
+        self._chunk: torch.Tensor | None = None
+        self._at = 0
+        self._madvise: Any = None
+        try:
+            self._madvise = ctypes.CDLL(None).madvise
+            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            self._madvise = None
+
+    def take(self, numel: int) -> torch.Tensor:
+        """A fresh, uninitialized bf16 buffer of `numel` elements, 64-byte aligned."""
+        numel = -(-numel // 32) * 32
+        if self._chunk is None or self._at + numel > self._chunk.numel():
+            self._chunk = self._new_chunk(max(numel, self._CHUNK // 2))
+            self._at = 0
+        out = self._chunk[self._at : self._at + numel]
+        self._at += numel
+        return out
+
+    def _new_chunk(self, numel: int) -> torch.Tensor:
+        # torch.empty this large is a fresh, untouched mmap: advise it before the first write.
+        raw = torch.empty(numel + self._HUGE // 2, dtype=torch.bfloat16)
+        start = (-raw.data_ptr() % self._HUGE) // 2  # elements up to a 2 MiB boundary
+        if self._madvise is not None:
+            madv_hugepage = 14
+            self._madvise(
+                raw.data_ptr() + start * 2, (numel * 2 + 4095) // 4096 * 4096, madv_hugepage
+            )
+        return raw[start : start + numel]
+
+
+def _packed_numel(n: int, k: int) -> int:
+    return -(-n // BLOCK) * BLOCK * (-(-k // 2) * 2)
+
+
+def _pack_into(weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> out viewed [ceil(N/64), ceil(K/2), 64, 2], zero-padded: what pie_gemv streams."""
+    n, k = weight.shape
+    blocks, pairs = -(-n // BLOCK), -(-k // 2)
+    if n % BLOCK or k % 2:
+        padded = weight.new_zeros(blocks * BLOCK, pairs * 2)
+        padded[:n, :k] = weight
+        weight = padded
+    packed = out[: _packed_numel(n, k)].view(blocks, pairs, BLOCK, 2)
+    packed.copy_(weight.view(blocks, BLOCK, pairs, 2).permute(0, 2, 1, 3))  # one pass
+    return packed
+
+
+class PackedGemv:
+    """One bf16 weight [N, K] (+ bias [N]) packed for pie_gemv.
+
+    `gated` takes a [gate; up] matrix (N = 2I) and computes silu(x @ gate.T) * (x @ up.T).
+    """
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        gated: bool,
+        arena: HugePageArena | None = None,
+    ) -> None:
+        if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            raise ValueError("PackedGemv takes a bfloat16 CPU weight")
+        if gated and (bias is not None or weight.shape[0] % 2):
+            raise ValueError("a gated PackedGemv takes an even number of rows and no bias")
+        n, k = weight.shape
+        self._fn = lib.pie_gemv
+        # gated: pack the halves apart, so that gate block j and up block j hold the same outputs
+        halves = [weight[: n // 2], weight[n // 2 :]] if gated else [weight]
+        self.n_out = halves[0].shape[0]
+        size = _packed_numel(self.n_out, k)
+        buffer = (
+            arena.take(size * len(halves))
+            if arena is not None
+            else torch.empty(size * len(halves), dtype=torch.bfloat16)
+        )
+        parts = [_pack_into(h, buffer[i * size : (i + 1) * size]) for i, h in enumerate(halves)]
+        self.packed = buffer[: size * len(halves)].view(
+            -1, *parts[0].shape[1:]
+        )  # [blocks, pairs, 64, 2]
+        self.bias = None if bias is None else bias.to(torch.bfloat16).contiguous()
+        modes = (MODE_SWIGLU,) if gated else (MODE_PLAIN, MODE_ADD)
+        self._specs = {
+            mode: _PackedWeight(
+                self.packed.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr(),
+                self.packed.shape[0],
+                self.packed.shape[1],
+                k,
+                self.n_out,
+                mode,
+            )
+            for mode in modes
+        }
+        self._refs = {mode: ctypes.byref(spec) for mode, spec in self._specs.items()}
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [M, K] bf16, M <= MAX_ROWS
+        mode: int,
+        norm: torch.Tensor | None = None,  # [K] bf16 RMSNorm weight: x is normalized first
+        eps: float = 0.0,
+        residual: torch.Tensor | None = None,  # [M, N] bf16, for MODE_ADD
+    ) -> torch.Tensor:  # [M, n_out] bf16
+        rows = x.shape[0]
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        y = torch.empty((rows, self.n_out), dtype=torch.bfloat16)
+        res_ptr, res_stride = None, 0
+        if residual is not None:
+            if residual.stride(-1) != 1:
+                residual = residual.contiguous()
+            res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
+        rc = self._fn(
+            self._refs[mode],
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            None if norm is None else norm.data_ptr(),
+            eps,
+            res_ptr,
+            res_stride,
+            y.data_ptr(),
+            y.stride(0),
+            torch.get_num_threads(),
+        )
+        _check(rc, f"pie_gemv on {rows} rows (at most {MAX_ROWS})")
+        return y
+
+
+# ---- attention -------------------------------------------------------------------------------------
+def decode_attention_supported(heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether decode_attention takes these shapes here (and the library loads)."""
+    return dim in ATTENTION_HEAD_DIMS and heads % kv_heads == 0 and load() is not None
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D] bf16, last dim contiguous
+    k_cache: torch.Tensor,  # [rows, KH, D] bf16, contiguous
+    v_cache: torch.Tensor,
+    kv_rows: torch.Tensor,  # [B, Lmax] int64: cache row of each slot
+    kv_lens: torch.Tensor,  # [B] int64: slots each sequence reads
+    mask: torch.Tensor | None,  # [B, Lmax] bool (True = attend), or None for all
+    scale: float,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # [B, H, D] bf16
+    """One-token-per-sequence attention straight from the paged cache, float32 inside.
+
+    `new` = (k [B, KH, D], v [B, KH, D], slot_rows [B]): written to the cache first.
+    """
+    lib = load()
+    assert lib is not None, "decode_attention needs the kernel library"
+    batch, heads, dim = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k_ptr = v_ptr = slots_ptr = None
+    k_stride = v_stride = 0
+    if new is not None:
+        k, v, slot_rows = new
+        if k.stride(-1) != 1 or k.stride(-2) != dim:  # rows of [KH, D] must be contiguous
+            k = k.contiguous()
+        if v.stride(-1) != 1 or v.stride(-2) != dim:
+            v = v.contiguous()
+        k_ptr, k_stride, v_ptr, v_stride = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
+        slots_ptr = slot_rows.data_ptr()
+    out = torch.empty((batch, heads, dim), dtype=torch.bfloat16)
+    rc = lib.pie_decode_attention(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        kv_rows.data_ptr(),
+        kv_lens.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        batch,
+        heads,
+        k_cache.shape[1],
+        dim,
+        kv_rows.shape[1],
+        scale,
+        out.data_ptr(),
+        k_ptr,
+        k_stride,
+        v_ptr,
+        v_stride,
+        slots_ptr,
+        torch.get_num_threads(),
+    )
+    _check(rc, f"pie_decode_attention on q {list(q.shape)}")
+    return out
+
+
+# ---- elementwise ---------------------------------------------------------------------------------
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of the rows of x [M, K] (bf16, rows contiguous)."""
+    rows, k = x.shape
+    y = torch.empty((rows, k), dtype=torch.bfloat16)
+    w = weight.contiguous()
+    threads = torch.get_num_threads()
+    rc = lib.pie_rms_norm(
+        x.data_ptr(), x.stride(0), rows, k, w.data_ptr(), eps, y.data_ptr(), k, threads
+    )
+    _check(rc, "pie_rms_norm")
+    return y
+
+
+def swiglu(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [gate | up] of gate_up [M, 2I] (bf16) -> [M, I]."""
+    rows, width = gate_up.shape
+    half = width // 2
+    y = torch.empty((rows, half), dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    rc = lib.pie_swiglu(
+        gate_up.data_ptr(), gate_up.stride(0), rows, half, y.data_ptr(), half, threads
+    )
+    _check(rc, "pie_swiglu")
+    return y
+
+
+def rope(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,  # [T, heads, D] bf16, heads D apart, rows any distance apart
+    positions: torch.Tensor,  # [T] int64
+    cos: torch.Tensor,  # [max_position, D] bf16 table
+    sin: torch.Tensor,  # [max_position, D] bf16 table, first half negated
+) -> torch.Tensor | None:  # [T, heads, D] contiguous, or None where the kernel does not take x
+    tokens, heads, dim = x.shape
+    if dim % 32 or x.stride(1) != dim or not positions.is_contiguous():
+        return None
+    y = torch.empty((tokens, heads, dim), dtype=torch.bfloat16)
+    rc = lib.pie_rope(
+        x.data_ptr(),
+        x.stride(0),
+        tokens,
+        heads,
+        dim,
+        positions.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(rc, "pie_rope")
+    return y

@@ -1,0 +1,223 @@
+"""The engine: model + paged KV cache + samplers behind one `execute(ForwardBatch)` call.
+
+It knows nothing of inferlets or owners: callers (the control layer, benchmarks, tests) name the
+pages each sequence reads and appends to. Every check runs before any state changes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pie.engine import sampling
+from pie.engine.attention import ATTENTION_BACKENDS, sequence_cache_rows
+from pie.engine.errors import InvalidBatchError
+from pie.engine.loader import load_model
+from pie.engine.model import AttentionBackend, LlamaModel
+from pie.engine.request import ForwardBatch, ForwardResult, SampleResult, SequenceForward
+from pie.engine.tokenizer import Tokenizer
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch._C, "_cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if cpu is not None and hasattr(cpu, probe) and getattr(cpu, probe)():
+            return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaModel,
+        tokenizer: Tokenizer,
+        *,
+        num_pages: int,
+        page_size: int,
+        attention: AttentionBackend | None = None,
+    ) -> None:
+        if num_pages < 1 or page_size < 1:
+            raise ValueError("num_pages and page_size must be positive")
+        cfg = model.config
+        self.model = model
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.model_name = cfg.name
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.vocab_size = cfg.vocab_size
+        self.max_position = cfg.max_position
+        self.device = model.device
+        self.dtype = model.dtype
+        self.attention: AttentionBackend = attention or ATTENTION_BACKENDS["torch"]()
+        # [layers, K/V, pages, page_size, kv_heads, head_dim]
+        self.kv_cache = torch.zeros(
+            (cfg.num_layers, 2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim),
+            dtype=model.dtype,
+            device=model.device,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        num_pages: int = 1024,
+        page_size: int = 16,
+        attention: str | None = None,
+    ) -> Engine:
+        """Load a GGUF file or HF folder (None: the embedded SmolLM2) onto `device`."""
+        dev = torch.device(device)
+        loaded = load_model(model)
+        if loaded.gguf_reader is not None:
+            tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)
+        else:
+            tokenizer = Tokenizer.from_hf_folder(loaded.source)
+        net = LlamaModel(loaded.config, loaded.weights, dev, dtype or default_dtype(dev))
+        backend_name = attention or ("triton" if dev.type == "cuda" else "torch")
+        backend = _make_backend(backend_name)
+        return cls(net, tokenizer, num_pages=num_pages, page_size=page_size, attention=backend)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, seq: SequenceForward) -> None:
+        """Raise InvalidBatchError if `seq` cannot run; never changes state."""
+        n = len(seq.tokens)
+        if n == 0:
+            raise InvalidBatchError("a sequence needs at least one new token")
+        if len(seq.positions) != n:
+            raise InvalidBatchError(f"{n} tokens but {len(seq.positions)} positions")
+        if seq.context_len < 0:
+            raise InvalidBatchError(f"context_len {seq.context_len} is negative")
+        tokens = np.asarray(seq.tokens)
+        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
+            raise InvalidBatchError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        positions = np.asarray(seq.positions)
+        if positions.min() < 0 or positions.max() >= self.max_position:
+            raise InvalidBatchError(
+                f"position {int(positions.max() if positions.max() >= self.max_position else positions.min())}"
+                f" is outside the model's context [0, {self.max_position})"
+            )
+        length = seq.context_len + n
+        needed = -(-length // self.page_size)
+        if len(seq.page_ids) < needed:
+            raise InvalidBatchError(
+                f"{length} slots need {needed} pages of {self.page_size}, got {len(seq.page_ids)}"
+            )
+        pages = np.asarray(seq.page_ids[:needed])
+        if pages.min() < 0 or pages.max() >= self.num_pages:
+            raise InvalidBatchError(f"page id outside the pool [0, {self.num_pages})")
+        if len(np.unique(pages)) != len(pages):
+            raise InvalidBatchError("a page appears twice in one sequence's page list")
+        if seq.attention_mask is not None:
+            mask = np.asarray(seq.attention_mask)
+            if mask.dtype != np.bool_ or mask.shape != (n, length):
+                raise InvalidBatchError(
+                    f"attention_mask must be bool [{n}, {length}], got {mask.dtype} {list(mask.shape)}"
+                )
+            if not mask.any(axis=1).all():
+                raise InvalidBatchError("every new token must attend to at least one slot")
+        if seq.logit_mask is not None:
+            lm = np.asarray(seq.logit_mask)
+            if lm.dtype != np.bool_ or lm.shape != (self.vocab_size,) or not lm.any():
+                raise InvalidBatchError(
+                    f"logit_mask must be bool [{self.vocab_size}] with at least one True"
+                )
+        for index, spec in seq.outputs:
+            if not 0 <= index < n:
+                raise InvalidBatchError(f"output index {index} outside the {n} new tokens")
+            sampling.validate_spec(spec, self.vocab_size)
+
+    def _validate_batch(self, batch: ForwardBatch) -> None:
+        if not batch.sequences:
+            raise InvalidBatchError("empty batch")
+        for seq in batch.sequences:
+            self.validate(seq)
+        rows = np.concatenate(
+            [
+                sequence_cache_rows(s.page_ids, s.context_len + len(s.tokens), self.page_size)[
+                    s.context_len :
+                ]
+                for s in batch.sequences
+            ]
+        )
+        if len(np.unique(rows)) != len(rows):
+            raise InvalidBatchError("two new tokens in the batch would write the same KV slot")
+
+    # ---- execution ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run the batch, append its K/V, return float32 logits [outputs, vocab] in output order."""
+        self._validate_batch(batch)
+        tokens: list[int] = []
+        positions: list[int] = []
+        output_rows: list[int] = []
+        for seq in batch.sequences:
+            output_rows += [len(tokens) + index for index, _ in seq.outputs]
+            tokens += seq.tokens
+            positions += seq.positions
+        dev = self.device
+        meta = self.attention.prepare(batch, self.page_size, dev)
+        return self.model.forward(
+            torch.tensor(tokens, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            torch.tensor(output_rows, dtype=torch.long, device=dev),
+            self.kv_cache,
+            self.attention,
+            meta,
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> ForwardResult:
+        """One forward pass and every requested sampler; results per sequence, in output order."""
+        logits = self.forward_logits(batch)
+        specs = [spec for seq in batch.sequences for _, spec in seq.outputs]
+        masks = [seq.logit_mask for seq in batch.sequences for _ in seq.outputs]
+        flat: list[SampleResult] = (
+            sampling.sample(logits, specs, masks if any(m is not None for m in masks) else None)
+            if specs
+            else []
+        )
+        outputs, at = [], 0
+        for seq in batch.sequences:
+            outputs.append(flat[at : at + len(seq.outputs)])
+            at += len(seq.outputs)
+        return ForwardResult(outputs)
+
+    @torch.inference_mode()
+    def copy_pages(self, pairs: list[tuple[int, int, int]]) -> None:
+        """Copy the first n slots of page src into page dst, for each (src, dst, n)."""
+        for src, dst, n in pairs:
+            if not (0 <= src < self.num_pages and 0 <= dst < self.num_pages):
+                raise InvalidBatchError(f"page copy {src}->{dst} outside the pool")
+            if not 0 <= n <= self.page_size:
+                raise InvalidBatchError(f"page copy of {n} slots; a page holds {self.page_size}")
+        for src, dst, n in pairs:
+            self.kv_cache[:, :, dst, :n] = self.kv_cache[:, :, src, :n]
+
+
+def _make_backend(name: str) -> AttentionBackend:
+    if name == "triton":
+        from pie.engine.cuda import TritonAttention  # imported lazily: needs triton
+
+        return TritonAttention()
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: choose from torch, triton")
+    backend: AttentionBackend = ATTENTION_BACKENDS[name]()
+    return backend

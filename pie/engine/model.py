@@ -1,0 +1,248 @@
+"""The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) over ragged batches.
+
+All new tokens of a batch are one flat [T, hidden] tensor; attention is delegated to a backend
+(pie.engine.attention) that reads and appends the paged KV cache. Weights come from the loader
+under canonical names; q/k/v and gate/up are fused here so each layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from pie.engine import cpu_kernels
+from pie.engine.config import ModelConfig
+from pie.engine.linear import Linear, rms_norm
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, batch: Any, page_size: int, device: torch.device) -> Any: ...
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """Append k/v [T, KH, D] to the caches, attend q [T, H, D]; return [T, H, D].
+
+        q, k and v are strided views into the layer's projections (last dim contiguous, rows
+        further apart than H * D or KH * D): call `.contiguous()` where a kernel needs it.
+        """
+        ...
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    qkv: Linear  # [(H + 2 KH) * D, hidden], with bias for Qwen2
+    q_norm: torch.Tensor | None  # [D] (Qwen3)
+    k_norm: torch.Tensor | None
+    o: Linear  # [hidden, H * D]
+    mlp_norm: torch.Tensor
+    gate_up: Linear  # [2 * mlp, hidden]
+    down: Linear  # [hidden, mlp]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE in the model dtype: x * cos + rotate_half(x) * sin.
+
+    x: [T, heads, D]; cos: [T, 1, D]; sin: [T, 1, D] with its first half negated, so that
+    rotate_half(x) * sin == roll(x, D/2) * sin_signed exactly (GGUF rows were un-permuted on
+    load). Same ops and roundings as HF's apply_rotary_pos_emb.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is not None:  # Llama 3: stretch low frequencies, keep high ones, blend between
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv_freq = torch.where(mid, blended, inv_freq)
+    return inv_freq.float()
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
+
+    Every forward allocates the same few-hundred-KB to tens-of-MB activations; by default
+    glibc serves those with fresh mmaps that page-fault on first touch, which halves the speed
+    of batch-32 decode attention and makes float32 casts cost 3x. Process-wide and idempotent;
+    returns False (and changes nothing) where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MiB is glibc's ceiling for the mmap threshold on 64-bit; trim only past 1 GiB free
+    # (mallopt takes a C int).
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+class LlamaModel:
+    """Holds weights and runs one forward over a flat ragged batch of new tokens."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        if device.type == "cpu":
+            tune_cpu_allocator()
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        def opt(name: str) -> torch.Tensor | None:
+            return w(name) if name in weights else None
+
+        def fused(*names: str) -> torch.Tensor:  # rows stacked, converted in the same pass
+            parts = [weights[n] for n in names]
+            out = torch.empty(
+                (sum(p.shape[0] for p in parts), parts[0].shape[1]), dtype=dtype, device=device
+            )
+            at = 0
+            for p in parts:
+                out[at : at + p.shape[0]].copy_(p)
+                at += p.shape[0]
+            return out
+
+        # The CPU kernels' packed weights, in call order, in 2 MiB pages (see cpu_kernels).
+        arena = (
+            cpu_kernels.HugePageArena()
+            if device.type == "cpu" and dtype == torch.bfloat16
+            else None
+        )
+        self.embed = w("embed")  # [V, hidden]
+        self.final_norm = w("final_norm")
+        self.layers: list[LayerWeights] = []
+        for i in range(config.num_layers):
+            p = f"layers.{i}."
+            bias = None
+            if config.attention_bias:
+                bias = torch.cat([w(p + "bq"), w(p + "bk"), w(p + "bv")])
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=w(p + "attn_norm"),
+                    qkv=Linear(fused(p + "wq", p + "wk", p + "wv"), bias, arena=arena),
+                    q_norm=opt(p + "q_norm"),
+                    k_norm=opt(p + "k_norm"),
+                    o=Linear(w(p + "wo"), arena=arena),
+                    mlp_norm=w(p + "mlp_norm"),
+                    gate_up=Linear(fused(p + "w_gate", p + "w_up"), gated=True, arena=arena),
+                    down=Linear(w(p + "w_down"), arena=arena),
+                )
+            )
+        tied = config.tie_word_embeddings or "lm_head" not in weights
+        self.lm_head = Linear(self.embed if tied else w("lm_head"), arena=arena)
+        # Tables in the model dtype, as HF casts cos/sin to the activations' dtype.
+        freqs = torch.outer(
+            torch.arange(config.max_position, dtype=torch.float32), rope_inv_freq(config)
+        )
+        cos, sin = freqs.cos(), freqs.sin()  # [max_position, D / 2]
+        self.rope_cos = torch.cat([cos, cos], dim=-1).to(device, dtype)  # [max_position, D]
+        self.rope_sin = torch.cat([-sin, sin], dim=-1).to(device, dtype)  # sign of rotate_half
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (embedding rows aside, lm_head in full)."""
+        total = self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
+        for layer in self.layers:
+            for part in vars(layer).values():
+                if isinstance(part, Linear):
+                    total += part.nbytes
+                elif part is not None:
+                    total += part.numel() * part.element_size()
+        return total
+
+    def _rotate(
+        self,
+        x: torch.Tensor,  # [T, heads, D]
+        positions: torch.Tensor,  # [T]
+        lib: Any,  # the kernel library, or None
+        rows: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [T, 1, D], or None
+    ) -> torch.Tensor:
+        if lib is not None:
+            out = cpu_kernels.rope(lib, x, positions, self.rope_cos, self.rope_sin)
+            if out is not None:
+                return out
+        if rows is None:
+            rows = self._rope_rows(positions)
+        return apply_rope(x, *rows)
+
+    def _rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.rope_cos.index_select(0, positions)[:, None, :]  # [T, 1, D]
+        sin = self.rope_sin.index_select(0, positions)[:, None, :]
+        return cos, sin
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        output_rows: torch.Tensor,  # [O] rows of T whose logits are wanted
+        kv_cache: torch.Tensor,  # [layers, 2, P, page_size, KH, D]
+        attention: AttentionBackend,
+        meta: Any,
+    ) -> torch.Tensor:  # [O, V] float32 logits
+        cfg = self.config
+        n_tokens = tokens.shape[0]
+        heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = heads * dim, kv_heads * dim
+        scale = dim**-0.5
+        eps = cfg.rms_norm_eps
+        x = F.embedding(tokens, self.embed)  # [T, hidden]
+        rope_lib = cpu_kernels.usable(x) if dim % 32 == 0 else None  # kernel, or rows for ops
+        rope_rows = None if rope_lib is not None else self._rope_rows(positions)
+        k_caches = kv_cache[:, 0].unbind(0)  # per layer [P, page_size, KH, D]
+        v_caches = kv_cache[:, 1].unbind(0)
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
+            qkv = layer.qkv(x, norm=layer.attn_norm, eps=eps)  # [T, (H + 2 KH) * D]
+            v = qkv[:, q_size + kv_size :].view(n_tokens, kv_heads, dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q = rms_norm(qkv[:, :q_size].view(n_tokens, heads, dim), layer.q_norm, eps)
+                k = rms_norm(
+                    qkv[:, q_size : q_size + kv_size].view(n_tokens, kv_heads, dim),
+                    layer.k_norm,
+                    eps,
+                )
+                q = self._rotate(q, positions, rope_lib, rope_rows)
+                k = self._rotate(k, positions, rope_lib, rope_rows)
+            else:  # q and k rotate together: one call for H + KH heads
+                qk_in = qkv[:, : q_size + kv_size].view(n_tokens, heads + kv_heads, dim)
+                qk = self._rotate(qk_in, positions, rope_lib, rope_rows)
+                q, k = qk[:, :heads], qk[:, heads:]
+            o = attention.forward(q, k, v, k_cache, v_cache, meta, scale)  # [T, H, D]
+            x = layer.o(o.reshape(n_tokens, q_size), residual=x)
+            x = layer.down(layer.gate_up.swiglu(x, norm=layer.mlp_norm, eps=eps), residual=x)
+        x = x.index_select(0, output_rows)
+        return self.lm_head(x, norm=self.final_norm, eps=eps).float()

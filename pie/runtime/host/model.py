@@ -1,0 +1,142 @@
+"""Host side of the `model` interface: open models, tokenize, detokenize, chat templates.
+
+The tokenizer is the engine's (`pie.engine.tokenizer.Tokenizer`); a decoder handle wraps its
+`StreamDecoder`, so the guest never re-decodes a growing token list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pie.runtime.errors import HostError
+from pie.runtime.host.state import InstanceHost
+
+MODEL = "model"
+DECODER = "decoder"
+MAX_TEXT = 16 * 2**20  # characters in one encode call
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    vocab_size: int
+    page_size: int
+    max_position: int
+
+
+def _engine(host: InstanceHost, handle: int) -> Any:
+    return host.handles.get(MODEL, handle)
+
+
+def open_model(host: InstanceHost, name: str | None) -> int:
+    names = host.services.model_names
+    if name is not None and name not in names:
+        raise HostError(f"unknown model {name!r}; this server serves {names}")
+    return host.handles.add(MODEL, host.services.engine)
+
+
+def info(host: InstanceHost, handle: int) -> ModelInfo:
+    e = _engine(host, handle)
+    return ModelInfo(str(e.model_name), int(e.vocab_size), int(e.page_size), int(e.max_position))
+
+
+def encode(host: InstanceHost, handle: int, text: str) -> list[int]:
+    if len(text) > MAX_TEXT:
+        raise HostError(f"text of {len(text)} characters; encode at most {MAX_TEXT} at once")
+    return [int(t) for t in _engine(host, handle).tokenizer.encode(text)]
+
+
+def _check_tokens(e: Any, tokens: list[int]) -> None:
+    bad = next((t for t in tokens if not 0 <= t < e.vocab_size), None)
+    if bad is not None:
+        raise HostError(f"token id {bad} is outside the vocabulary [0, {e.vocab_size})")
+
+
+def decode(host: InstanceHost, handle: int, tokens: list[int]) -> str:
+    e = _engine(host, handle)
+    _check_tokens(e, tokens)
+    return str(e.tokenizer.decode(tokens))
+
+
+def token_text(host: InstanceHost, handle: int, token: int) -> str | None:
+    e = _engine(host, handle)
+    if not 0 <= token < e.vocab_size:
+        return None
+    text = e.tokenizer.id_to_token(token)
+    return None if text is None else str(text)
+
+
+def token_id(host: InstanceHost, handle: int, text: str) -> int:
+    found = _engine(host, handle).tokenizer.token_to_id(text)
+    if found is None:
+        raise HostError(f"{text!r} is not a vocabulary entry")
+    return int(found)
+
+
+def special_tokens(host: InstanceHost, handle: int) -> list[tuple[str, int]]:
+    specials = _engine(host, handle).tokenizer.special_tokens
+    return sorted(((str(k), int(v)) for k, v in specials.items()), key=lambda kv: kv[1])
+
+
+def stop_tokens(host: InstanceHost, handle: int) -> list[int]:
+    return sorted(int(t) for t in _engine(host, handle).tokenizer.stop_token_ids)
+
+
+def chat_template(
+    host: InstanceHost, handle: int, messages: list[tuple[str, str]], add_generation_prompt: bool
+) -> str:
+    e = _engine(host, handle)
+    payload = [{"role": role, "content": content} for role, content in messages]
+    try:
+        return str(
+            e.tokenizer.apply_chat_template(payload, add_generation_prompt=add_generation_prompt)
+        )
+    except Exception as error:  # a template error is the guest's input, not a host fault
+        raise HostError(f"chat template failed: {error}") from None
+
+
+class IncrementalDecoder:
+    """Text of a growing token list, emitted once complete (no half UTF-8 characters).
+
+    Decodes only a window (the tokens of the previous emission and those since, as vLLM's
+    incremental detokenizer does), so each push costs O(window), not O(length).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix = 0  # start of the decode window
+        self.read = 0  # tokens up to here have been emitted
+
+    def push(self, tokens: list[int]) -> str:
+        self.tokens += tokens
+        done = str(self.tokenizer.decode(self.tokens[self.prefix : self.read]))
+        text = str(self.tokenizer.decode(self.tokens[self.prefix :]))
+        if text.endswith("\ufffd") or len(text) <= len(done):
+            return ""  # a character is still incomplete: wait for more tokens
+        self.prefix = self.read
+        self.read = len(self.tokens)
+        return text[len(done) :]
+
+    def finish(self) -> str:
+        done = str(self.tokenizer.decode(self.tokens[self.prefix : self.read]))
+        text = str(self.tokenizer.decode(self.tokens[self.prefix :]))
+        self.read = len(self.tokens)
+        return text[len(done) :]
+
+
+def decoder_new(host: InstanceHost, handle: int) -> int:
+    e = _engine(host, handle)
+    return host.handles.add(DECODER, (e, IncrementalDecoder(e.tokenizer)))
+
+
+def decoder_push(host: InstanceHost, handle: int, tokens: list[int]) -> str:
+    e, decoder = host.handles.get(DECODER, handle)
+    _check_tokens(e, tokens)
+    return decoder.push([int(t) for t in tokens])
+
+
+def decoder_finish(host: InstanceHost, handle: int) -> str:
+    _, decoder = host.handles.pop(DECODER, handle)
+    return decoder.finish()

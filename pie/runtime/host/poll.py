@@ -1,0 +1,50 @@
+"""Host side of the `poll` interface: wait on several futures, take their values, discard them."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+from pie.runtime.errors import HostError
+from pie.runtime.host import futures
+from pie.runtime.host.state import InstanceHost
+
+MAX_WAIT = 65536  # futures in one wait-any call
+
+
+def wait_any(host: InstanceHost, handles: list[int], timeout_ms: int | None) -> list[int]:
+    """Positions in `handles` of the ready futures, after waiting for at least one (or timeout)."""
+    if len(handles) > MAX_WAIT:
+        raise HostError(f"wait-any over {len(handles)} futures; at most {MAX_WAIT} at once")
+    entries = [host.handles.get(futures.KIND, h) for h in handles]
+    ready = [i for i, e in enumerate(entries) if e.future.done()]
+    if ready or timeout_ms == 0:
+        host.check_alive()
+        return ready
+    host.wait([e.future for e in entries], None if timeout_ms is None else timeout_ms / 1000)
+    return [i for i, e in enumerate(entries) if e.future.done()]
+
+
+def is_ready(host: InstanceHost, handle: int) -> bool:
+    return bool(host.handles.get(futures.KIND, handle).future.done())
+
+
+def take_text(host: InstanceHost, handle: int) -> str:
+    return str(futures.take(host, handle, "text", "child"))
+
+
+def take_blob(host: InstanceHost, handle: int) -> bytes:
+    return bytes(futures.take(host, handle, "blob"))
+
+
+def discard(host: InstanceHost, handle: int) -> None:
+    """Frees a future; a pending receive or pull is withdrawn, a forward still runs."""
+    entry = host.handles.pop(futures.KIND, handle)
+    if entry.what in ("text", "blob"):
+        entry.future.cancel()  # the bus or session skips cancelled waiters
+    elif entry.what == "forward":
+        entry.future.add_done_callback(lambda f: _log_failure(host, f))
+
+
+def _log_failure(host: InstanceHost, future: cf.Future[object]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        host.log.warning("a discarded forward pass failed: %s", future.exception())

@@ -1,0 +1,30 @@
+"""Host side of the `session` interface: text and blobs to and from the launching client."""
+
+from __future__ import annotations
+
+from pie.runtime.errors import HostError
+from pie.runtime.host import futures
+from pie.runtime.host.state import InstanceHost
+
+
+def _check_size(host: InstanceHost, size: int, what: str) -> None:
+    if size > host.limits.max_message_bytes:
+        raise HostError(f"{what} of {size} bytes; the limit is {host.limits.max_message_bytes}")
+
+
+def send(host: InstanceHost, text: str) -> None:
+    _check_size(host, len(text), "message")
+    host.session.send_text(host.id, text)
+
+
+def send_blob(host: InstanceHost, data: bytes) -> None:
+    _check_size(host, len(data), "blob")
+    host.session.send_blob(host.id, bytes(data))
+
+
+def receive(host: InstanceHost) -> int:
+    return futures.add(host, "text", host.session.receive_text(host.id))
+
+
+def receive_blob(host: InstanceHost) -> int:
+    return futures.add(host, "blob", host.session.receive_blob(host.id))

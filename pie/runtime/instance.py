@@ -1,0 +1,264 @@
+"""`InferletInstance`: one run of a program, on its own thread, with its own store and limits.
+
+Life: start → (wasm: store with memory limit, WASI without files or sockets, epoch deadline;
+instantiate; call `run`) or (native: call the same SDK entry in-process) → whatever way it ends
+(result, error, trap, limit, cancel) → cleanup returns every page and handle it held → `done`
+resolves. Guest stdout/stderr go to files read into the log, tagged with the instance id.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import wasmtime
+from wasmtime import component as wc
+
+from pie.runtime.errors import InstanceFailed
+from pie.runtime.host import futures as host_futures
+from pie.runtime.host.state import HostServices, InstanceHost, Session, bind_current
+from pie.runtime.limits import InstanceLimits
+from pie.runtime.wasm_bindings import TICK_SECONDS, set_deadline
+
+if TYPE_CHECKING:
+    from pie.runtime.runtime import Runtime
+
+log = logging.getLogger(__name__)
+CHILD_GRACE_SECONDS = 2.0  # how long an ending parent waits for its cancelled children
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A launchable program: a compiled component, a Python source (native mode), or both."""
+
+    hash: str
+    name: str
+    component: wc.Component | None = None
+    source: Path | None = None
+
+
+class GuestLog:
+    """Tails one guest's stdout/stderr files into the log, line by line."""
+
+    def __init__(self, path: Path, logger: logging.Logger, stream: str) -> None:
+        self.path = path
+        self.logger = logger
+        self.stream = stream
+        self.offset = 0
+        self.partial = ""
+        self._lock = threading.Lock()
+
+    def pump(self, final: bool = False) -> None:
+        with self._lock:
+            try:
+                with self.path.open("rb") as f:
+                    f.seek(self.offset)
+                    data = f.read()
+            except FileNotFoundError:
+                return
+            self.offset += len(data)
+            text = self.partial + data.decode("utf-8", "replace")
+            *lines, self.partial = text.split("\n")
+            if final and self.partial:
+                lines.append(self.partial)
+                self.partial = ""
+            for line in lines:
+                self.logger.info("[%s] %s", self.stream, line)
+            if final:
+                self.path.unlink(missing_ok=True)
+
+
+class InferletInstance:
+    """A running (or finished) inferlet; `done` resolves with its result or InstanceFailed."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        program: Program,
+        args: list[str],
+        *,
+        instance_id: int,
+        services: HostServices,
+        session: Session,
+        limits: InstanceLimits,
+        native: bool,
+        depth: int = 0,
+        log_dir: Path,
+    ) -> None:
+        self.runtime = runtime
+        self.program = program
+        self.args = list(args)
+        self.id = instance_id
+        self.native = native
+        self.host = InstanceHost(
+            id=instance_id,
+            program=program.hash,
+            args=self.args,
+            services=services,
+            session=session,
+            limits=limits,
+            depth=depth,
+        )
+        self.done: cf.Future[str] = cf.Future()
+        self.started_at = 0.0
+        self.ended_at = 0.0
+        self._thread = threading.Thread(
+            target=self._main, name=f"inferlet-{instance_id}", daemon=True
+        )
+        self.stdout_path = log_dir / f"{instance_id}.stdout"
+        self.stderr_path = log_dir / f"{instance_id}.stderr"
+        self.logs = [
+            GuestLog(self.stdout_path, self.host.log, "stdout"),
+            GuestLog(self.stderr_path, self.host.log, "stderr"),
+        ]
+
+    # ---- control (any thread) ------------------------------------------------------------------
+    def start(self) -> InferletInstance:
+        if limits_quota := self.host.limits.kv_pages:
+            self.host.services.pool.set_quota(self.id, limits_quota)
+        self.started_at = time.monotonic()
+        self._thread.start()
+        return self
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stops the instance: waits wake at once, the next host call (or the CPU/wall deadline,
+        for a guest computing without host calls) ends it."""
+        self.host.stop(reason)
+
+    def wait(self, timeout: float | None = None) -> str:
+        """The result; raises InstanceFailed if the instance failed."""
+        return self.done.result(timeout)
+
+    @property
+    def running(self) -> bool:
+        return not self.done.done()
+
+    # ---- the instance thread ---------------------------------------------------------------------
+    def _main(self) -> None:
+        bind_current(self.host)
+        outcome: str | BaseException
+        try:
+            outcome = self._run_native() if self.native else self._run_wasm()
+        except InstanceFailed as e:
+            outcome = e
+        except BaseException as e:  # a host bug: report it as this instance's failure only
+            log.exception("instance %d crashed in the runtime", self.id)
+            outcome = InstanceFailed(f"runtime error: {e!r}")
+        finally:
+            bind_current(None)
+            try:
+                self._cleanup()
+            except Exception:  # never leave `done` unresolved
+                log.exception("instance %d: cleanup failed", self.id)
+            for guest_log in self.logs:
+                guest_log.pump(final=True)
+            self.ended_at = time.monotonic()
+        if isinstance(outcome, BaseException):
+            self.host.log.info("failed: %s", str(outcome).splitlines()[0] if str(outcome) else "")
+            self.done.set_exception(outcome)
+        else:
+            self.done.set_result(outcome)
+
+    def _run_wasm(self) -> str:
+        component = self.program.component
+        if component is None:
+            raise InstanceFailed(f"program {self.program.name} has no component; build it first")
+        limits = self.host.limits
+        store = wasmtime.Store(self.runtime.wasm_engine)
+        store.set_limits(memory_size=limits.memory_bytes)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [self.program.name]
+        wasi.stdout_file = str(self.stdout_path)
+        wasi.stderr_file = str(self.stderr_path)
+        for host_path, guest_path in self.runtime.preopen_dirs.items():
+            wasi.preopen_dir(host_path, guest_path)
+        store.set_wasi(wasi)
+        set_deadline(store, self.host)  # before instantiation: the default deadline traps at once
+        try:
+            instance = self.runtime.linker.instantiate(store, component)
+            run = instance.get_func(store, "run")
+            if run is None:
+                raise InstanceFailed(f"program {self.program.name} exports no `run` function")
+            out = run(store, json.dumps(self.args))
+        except wasmtime.WasmtimeError as e:
+            raise InstanceFailed(self._trap_message(e)) from None
+        finally:
+            del store  # a trapped store is poisoned; never reuse it
+        if out.tag == "ok":
+            return str(out.payload)
+        raise InstanceFailed(str(out.payload))
+
+    def _run_native(self) -> str:
+        from pie.runtime import native
+
+        if self.program.source is None:
+            raise InstanceFailed(
+                f"program {self.program.name} has no Python source for native mode"
+            )
+        return native.run_source(self.program.source, self.args, self.host)
+
+    def _trap_message(self, error: wasmtime.WasmtimeError) -> str:
+        host = self.host
+        text = str(error)
+        if host.trap_reason:
+            reason = host.trap_reason
+        elif "interrupt" in text:
+            if host.stopped.done():
+                reason = host.stopped.result()
+            elif host.wall_remaining() <= TICK_SECONDS * 2:
+                reason = f"wall-time limit of {host.limits.wall_seconds} s reached"
+            else:
+                reason = f"CPU-time limit of {host.limits.cpu_seconds} s reached"
+        elif "memory" in text and "minimum" in text:
+            reason = (
+                f"the component needs more memory than the limit of {host.limits.memory_bytes} "
+                "bytes; raise the memory limit"
+            )
+        else:
+            reason = f"trapped: {_trap_kind(text)}"
+        return f"instance {self.id} ({self.program.name}) ended: {reason}"
+
+    # ---- cleanup: whatever way the instance ended ----------------------------------------------------
+    def _cleanup(self) -> None:
+        services = self.host.services
+        children = [c for c in self.host.children if not c.done.done()]
+        for child in children:
+            child.cancel(f"its parent (instance {self.id}) ended")
+        for kind, obj in self.host.handles.drain():
+            try:
+                if kind == host_futures.KIND and obj.what in ("text", "blob"):
+                    obj.future.cancel()  # withdraw pending receives and pulls
+                elif kind == "subscription":
+                    obj.close()
+            except Exception:
+                log.exception("instance %d: releasing a %s failed", self.id, kind)
+        try:
+            # First no forward of ours may run, then every context and page reference goes.
+            services.scheduler.cancel_owner(self.id)
+            services.contexts.close_owner(self.id)
+        except Exception:
+            log.exception("instance %d: releasing its forwards and contexts failed", self.id)
+        services.pool.release_owner(self.id)
+        if self.host.limits.kv_pages:
+            services.pool.set_quota(self.id, None)
+        if children:
+            cf.wait([c.done for c in children], timeout=CHILD_GRACE_SECONDS)
+
+
+def _trap_kind(text: str) -> str:
+    """The informative line of a wasmtime error ("wasm trap: call stack exhausted")."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        if "wasm trap:" in line:
+            return line[line.index("wasm trap:") :]
+    if "Caused by:" in lines:
+        after = lines[lines.index("Caused by:") + 1 :]
+        if after:
+            return after[-1]
+    return lines[0] if lines else "unknown trap"

@@ -1,0 +1,254 @@
+"""The wasm glue: registers the host implementation into a wasmtime component `Linker`.
+
+Each WIT function becomes a Python callable that finds the calling instance (its thread),
+converts wasmtime values (Record, Variant) to host types, calls the one host implementation in
+`runtime/host/`, and converts back. No Python exception may escape a host function: wasmtime
+parks it in a module global that another instance's thread would re-raise. So every error a
+guest can handle returns as a WIT `err`, and everything else raises `WasmtimeError` (carried
+per call), which traps only the calling instance. After every call the store's epoch deadline
+is reset from the instance's remaining CPU and wall time (waits in the host do not count).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as ffi
+from wasmtime import component as wc
+
+from pie.engine.request import (
+    DistributionResult,
+    Entropy,
+    EntropyResult,
+    Greedy,
+    LogProbs,
+    LogProbsResult,
+    RawLogits,
+    Sample,
+    SamplerSpec,
+    TokenResult,
+    TopKDistribution,
+)
+from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceTrap
+from pie.runtime.host import forward, kv, messaging, model, poll, runtime_api, session
+from pie.runtime.host.forward import ForwardCall, LogitsRef
+from pie.runtime.host.state import InstanceHost, current_host
+from pie.runtime.wit import interface_name
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.01  # epoch period: an over-limit guest stops within about this much
+_NO_DEADLINE = 2**62
+
+# How a function's value crosses back: PLAIN (no result type), RESULT (result<T, string> whose
+# T is no string-like: wasmtime lowers T as ok and a str as err), TAGGED (result<string-like,
+# string>: wasmtime needs Variant('ok'|'err', value)).
+PLAIN, RESULT, TAGGED = "plain", "result", "tagged"
+
+
+# ---- value conversions -----------------------------------------------------------------------------
+def _field(record: Any, name: str) -> Any:
+    return getattr(record, name)
+
+
+def sampler_from_wasm(value: Any) -> SamplerSpec:
+    tag, p = value.tag, value.payload
+    if tag == "greedy":
+        return Greedy()
+    if tag == "sample":
+        return Sample(
+            temperature=float(_field(p, "temperature")),
+            top_k=int(_field(p, "top-k")),
+            top_p=float(_field(p, "top-p")),
+            min_p=float(_field(p, "min-p")),
+            seed=_field(p, "seed"),
+        )
+    if tag == "distribution":
+        return TopKDistribution(k=int(_field(p, "k")), temperature=float(_field(p, "temperature")))
+    if tag == "raw-logits":
+        return RawLogits()
+    if tag == "logprobs":
+        return LogProbs(tuple(p))
+    if tag == "entropy":
+        return Entropy()
+    raise HostError(f"unknown sampler {tag!r}")
+
+
+def forward_call_from_wasm(args: Any) -> ForwardCall:
+    return ForwardCall(
+        tokens=_field(args, "tokens"),
+        positions=_field(args, "positions"),
+        attention_mask=_field(args, "attention-mask"),
+        logit_mask=_field(args, "logit-mask"),
+        outputs=[
+            (int(_field(o, "index")), sampler_from_wasm(_field(o, "sampler")))
+            for o in _field(args, "outputs")
+        ],
+    )
+
+
+def output_to_wasm(out: Any) -> wc.Variant:
+    if isinstance(out, TokenResult):
+        return wc.Variant("token", int(out.token_id))
+    if isinstance(out, DistributionResult):
+        return wc.Variant(
+            "distribution", ([int(t) for t in out.token_ids], [float(p) for p in out.probs])
+        )
+    if isinstance(out, LogProbsResult):
+        return wc.Variant("logprobs", [float(v) for v in out.logprobs])
+    if isinstance(out, EntropyResult):
+        return wc.Variant("entropy", float(out.entropy))
+    if isinstance(out, LogitsRef):
+        return wc.Variant("logits", out.handle)
+    raise TypeError(f"no WIT output for {type(out).__name__}")
+
+
+def _record(**fields: Any) -> wc.Record:
+    record = wc.Record()
+    for name, value in fields.items():
+        setattr(record, name.replace("_", "-"), value)
+    return record
+
+
+def model_info_to_wasm(info: model.ModelInfo) -> wc.Record:
+    return _record(
+        name=info.name,
+        vocab_size=info.vocab_size,
+        page_size=info.page_size,
+        max_position=info.max_position,
+    )
+
+
+# ---- the table: WIT function → (host function with wasm conversions, return kind) ---------------
+HostFn = Callable[..., Any]
+
+FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
+    "runtime": {
+        "version": (runtime_api.version, PLAIN),
+        "instance-id": (runtime_api.instance_id, PLAIN),
+        "arguments": (runtime_api.arguments, PLAIN),
+        "models": (runtime_api.models, PLAIN),
+        "program": (runtime_api.program, PLAIN),
+        "launch": (runtime_api.launch, RESULT),
+        "cancel": (runtime_api.cancel, RESULT),
+    },
+    "poll": {
+        "wait-any": (poll.wait_any, RESULT),
+        "is-ready": (poll.is_ready, RESULT),
+        "take-text": (poll.take_text, TAGGED),
+        "take-blob": (poll.take_blob, RESULT),
+        "discard": (poll.discard, RESULT),
+    },
+    "model": {
+        "open": (model.open_model, RESULT),
+        "info": (lambda h, m: model_info_to_wasm(model.info(h, m)), RESULT),
+        "encode": (model.encode, RESULT),
+        "decode": (model.decode, TAGGED),
+        "token-text": (model.token_text, TAGGED),
+        "token-id": (model.token_id, RESULT),
+        "special-tokens": (model.special_tokens, RESULT),
+        "stop-tokens": (model.stop_tokens, RESULT),
+        "chat-template": (
+            lambda h, m, msgs, gen: model.chat_template(
+                h, m, [(_field(x, "role"), _field(x, "content")) for x in msgs], gen
+            ),
+            TAGGED,
+        ),
+        "decoder-new": (model.decoder_new, RESULT),
+        "decoder-push": (model.decoder_push, TAGGED),
+        "decoder-finish": (model.decoder_finish, TAGGED),
+    },
+    "kv": {
+        "create": (kv.create, RESULT),
+        "fork": (kv.fork, RESULT),
+        "length": (kv.length, RESULT),
+        "page-count": (kv.page_count, RESULT),
+        "reserve": (kv.reserve, RESULT),
+        "truncate": (kv.truncate, RESULT),
+        "mask": (kv.mask, RESULT),
+        "export-context": (kv.export_context, RESULT),
+        "import-context": (kv.import_context, RESULT),
+        "unexport": (kv.unexport, RESULT),
+        "exports": (kv.exports, PLAIN),
+        "close": (kv.close, RESULT),
+    },
+    "forward": {
+        "execute": (lambda h, c, a: forward.execute(h, c, forward_call_from_wasm(a)), RESULT),
+        "execute-many": (
+            lambda h, passes: forward.execute_many(
+                h, [(c, forward_call_from_wasm(a)) for c, a in passes]
+            ),
+            PLAIN,  # one result per pass: an int lowers as ok, a str as err
+        ),
+        "outputs": (lambda h, f: [output_to_wasm(o) for o in forward.outputs(h, f)], RESULT),
+        "logits-top-k": (forward.logits_top_k, RESULT),
+        "logits-values": (forward.logits_values, RESULT),
+        "logits-release": (forward.logits_release, RESULT),
+    },
+    "session": {
+        "send": (session.send, RESULT),
+        "send-blob": (session.send_blob, RESULT),
+        "receive": (session.receive, RESULT),
+        "receive-blob": (session.receive_blob, RESULT),
+    },
+    "messaging": {
+        "push": (messaging.push, RESULT),
+        "pull": (messaging.pull, RESULT),
+        "broadcast": (messaging.broadcast, RESULT),
+        "subscribe": (messaging.subscribe, RESULT),
+        "next": (messaging.next_message, RESULT),
+        "unsubscribe": (messaging.unsubscribe, RESULT),
+    },
+}
+
+
+def set_deadline(store: Any, host: InstanceHost) -> None:
+    """Epoch deadline = the instance's remaining CPU or wall time, whichever is less."""
+    remaining = min(host.cpu_remaining(), host.wall_remaining())
+    ticks = _NO_DEADLINE if math.isinf(remaining) else max(1, math.ceil(remaining / TICK_SECONDS))
+    ffi.wasmtime_context_set_epoch_deadline(store._context(), ticks)
+
+
+def _wrap(qualified: str, fn: HostFn, kind: str) -> Callable[..., Any]:
+    def host_call(store: Any, *args: Any) -> Any:
+        host = current_host()
+        if host is None:
+            raise wasmtime.WasmtimeError(f"{qualified} called from a thread that runs no inferlet")
+        try:
+            host.check_alive()
+            value = fn(host, *args)
+        except GUEST_ERRORS as e:
+            message = str(e) or type(e).__name__
+            if kind == PLAIN:  # no way to report it: end the instance with the message
+                host.trap_reason = f"{qualified}: {message}"
+                raise wasmtime.WasmtimeError(host.trap_reason) from None
+            set_deadline(store, host)
+            return wc.Variant("err", message) if kind == TAGGED else message
+        except InstanceTrap as e:
+            host.trap_reason = str(e)
+            raise wasmtime.WasmtimeError(str(e)) from None
+        except Exception as e:
+            log.exception("host call %s of instance %d failed", qualified, host.id)
+            host.trap_reason = f"internal error in host call {qualified}: {e!r}"
+            raise wasmtime.WasmtimeError(host.trap_reason) from None
+        set_deadline(store, host)
+        return wc.Variant("ok", value) if kind == TAGGED else value
+
+    host_call.__name__ = qualified
+    return host_call
+
+
+def build_linker(engine: wasmtime.Engine) -> wc.Linker:
+    """A linker with WASI p2 and every `pie:inferlet` import, shared by all instances."""
+    linker = wc.Linker(engine)
+    linker.add_wasip2()
+    with linker.root() as root:
+        for interface, functions in FUNCTIONS.items():
+            with root.add_instance(interface_name(interface)) as inst:
+                for name, (fn, kind) in functions.items():
+                    inst.add_func(name, _wrap(f"{interface}.{name}", fn, kind))
+    return linker

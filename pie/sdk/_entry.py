@@ -1,0 +1,44 @@
+"""The glue between the world's `run` export and the user's `main(args)`.
+
+The same function serves both modes: the component's generated entry module calls it inside
+the sandbox, and `pie run --native` calls it on a host thread. Errors come back as `Err` with a
+traceback whose frames name the user's real file.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import traceback
+from types import ModuleType
+
+from pie.sdk import _state
+from pie.sdk._wit import Err
+from pie.sdk.loop import run
+
+
+def run_inferlet(module: ModuleType, input: str, source: str | None = None) -> str:
+    """Runs `module.main(args)` (sync or async) and returns its result as text."""
+    main = getattr(module, "main", None)
+    if not callable(main):
+        raise Err(f"{source or module.__name__}: the inferlet defines no `main(args)` function")
+    try:
+        args = json.loads(input) if input else []
+    except ValueError:
+        args = [input]
+    _state.reset()
+    try:
+        result = run(main(args)) if inspect.iscoroutinefunction(main) else main(args)
+        if inspect.iscoroutine(result):
+            result = run(result)
+    except Exception as e:
+        raise Err(_format_error(e, module, source)) from None
+    return "" if result is None else str(result)
+
+
+def _format_error(error: Exception, module: ModuleType, source: str | None) -> str:
+    text = "".join(traceback.format_exception(error))
+    built_as = getattr(module, "__file__", None)
+    if source and built_as:
+        text = text.replace(built_as, source)
+    return text.rstrip()

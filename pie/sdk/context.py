@@ -1,0 +1,251 @@
+"""`Context`: one KV sequence of this inferlet plus the tokens queued for its next forward.
+
+Tokens are queued by `fill*` and run by the next forward, which samples at its last token; the
+sampled token is queued in turn, so generation is `next_token` in a loop. `fork` shares every
+page copy-on-write, `export`/`import_` share a prefix with other inferlets by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from pie.sdk._wit import PieError, call, forward, kv, poll
+from pie.sdk.chat import Chat
+from pie.sdk.loop import PieEventLoop, wait_host
+from pie.sdk.model import Model, Tokenizer
+from pie.sdk.sampler import Greedy, Sampler, from_wit
+
+
+class Context:
+    """A KV context; close it (or use `with`) when done, or it lives until the inferlet ends."""
+
+    def __init__(self, model: Model | None = None, *, _handle: int | None = None) -> None:
+        self.model = model or Model.default()
+        self.handle: int = int(call(kv.create, self.model.handle)) if _handle is None else _handle
+        self.pending: list[int] = []
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    @property
+    def kv_length(self) -> int:
+        """Slots in the KV (including those of forwards still running)."""
+        return int(call(kv.length, self.handle))
+
+    def __len__(self) -> int:
+        return self.kv_length + len(self.pending)
+
+    # ---- queueing ------------------------------------------------------------------------------
+    def fill(self, text: str) -> None:
+        """Queues the tokens of `text`."""
+        self.pending += self.tokenizer.encode(text)
+
+    def fill_tokens(self, tokens: Iterable[int]) -> None:
+        self.pending += [int(t) for t in tokens]
+
+    def fill_chat(
+        self, chat: Chat | Iterable[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> None:
+        """Queues a conversation rendered with the model's chat template."""
+        messages = chat.messages if isinstance(chat, Chat) else list(chat)
+        self.fill(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
+
+    # ---- forward passes ----------------------------------------------------------------------
+    def submit(
+        self,
+        tokens: Sequence[int],
+        outputs: Sequence[tuple[int, Sampler]] = (),
+        *,
+        positions: Sequence[int] | None = None,
+        attention_mask: Sequence[Sequence[int]] | None = None,
+        logit_mask: Sequence[int] | None = None,
+    ) -> int:
+        """Starts a forward pass of `tokens` (the queue is not touched); returns a host future.
+
+        Masks are run lengths (see `pie.sdk.masks`); `outputs` pairs an index into `tokens`
+        with a sampler. Take the result with `await ctx.result(future)`.
+        """
+        args = _forward_args(tokens, outputs, positions, attention_mask, logit_mask)
+        return int(call(forward.execute, self.handle, args))
+
+    @staticmethod
+    async def result(future: int) -> list[Any]:
+        """Waits for a forward started by `submit`; one value per requested output."""
+        await wait_host(future)
+        return [from_wit(o) for o in call(forward.outputs, future)]
+
+    async def forward(
+        self,
+        tokens: Sequence[int],
+        outputs: Sequence[tuple[int, Sampler]] = (),
+        *,
+        positions: Sequence[int] | None = None,
+        attention_mask: Sequence[Sequence[int]] | None = None,
+        logit_mask: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """Runs `tokens` and returns the requested outputs.
+
+        Passes that tasks start in the same event-loop turn go to the host in one call, so
+        forks generating side by side land in the same batch.
+        """
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, PieEventLoop):
+            return await self.result(
+                self.submit(tokens, outputs, positions=positions,
+                            attention_mask=attention_mask, logit_mask=logit_mask)
+            )  # fmt: skip
+        args = _forward_args(tokens, outputs, positions, attention_mask, logit_mask)
+        return await self.result(await loop.queue_forward(self.handle, args))
+
+    async def next_token(self, sampler: Sampler | None = None, **masks: Any) -> int:
+        """Runs the queued tokens, samples one token at the last, and queues it."""
+        if not self.pending:
+            raise PieError("nothing to run: fill tokens first (a context samples after its queue)")
+        tokens, self.pending = self.pending, []
+        (token,) = await self.forward(tokens, [(len(tokens) - 1, sampler or Greedy())], **masks)
+        self.pending = [token]
+        return int(token)
+
+    async def flush(self) -> None:
+        """Runs every queued token but the last into the KV (the last is kept to sample from)."""
+        if len(self.pending) > 1:
+            head, self.pending = self.pending[:-1], self.pending[-1:]
+            await self.forward(head)
+
+    def _flush_nowait(self, keep_last: bool) -> None:
+        # The host orders forwards of one context and waits for them before fork/export, so
+        # the future is not needed; a failure is logged by the host.
+        cut = len(self.pending) - 1 if keep_last else len(self.pending)
+        if cut > 0:
+            head, self.pending = self.pending[:cut], self.pending[cut:]
+            call(poll.discard, self.submit(head))
+
+    # ---- generation ------------------------------------------------------------------------------
+    async def generate_tokens(
+        self,
+        max_tokens: int,
+        sampler: Sampler | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        on_token: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Generates up to `max_tokens` tokens; the stop token, if reached, is included."""
+        stops = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        out: list[int] = []
+        while len(out) < max_tokens:
+            token = await self.next_token(sampler)
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in stops:
+                break
+        return out
+
+    async def generate(
+        self,
+        max_tokens: int = 256,
+        sampler: Sampler | None = None,
+        *,
+        stop: Iterable[str] = (),
+        stop_tokens: Iterable[int] | None = None,
+        stream: Callable[[str], Any] | None = None,
+    ) -> str:
+        """Generates text until a stop token, a stop string or `max_tokens`.
+
+        `stream` receives the text as it is produced (e.g. `pie.sdk.send`); text that could be
+        the start of a stop string is held back until it is known not to be.
+        """
+        stops = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        stop_strings = [s for s in stop if s]
+        hold = max((len(s) for s in stop_strings), default=1) - 1
+        decoder = self.tokenizer.decoder()
+        text, emitted, cut = "", 0, False
+        try:
+            for _ in range(max_tokens):
+                token = await self.next_token(sampler)
+                if token in stops:
+                    break
+                text += decoder.push([token])
+                hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
+                if hit >= 0:
+                    text, cut = text[:hit], True
+                    break
+                if stream is not None and len(text) - hold > emitted:
+                    stream(text[emitted : len(text) - hold])
+                    emitted = len(text) - hold
+        finally:
+            rest = decoder.finish()
+        if not cut:
+            text += rest
+        if stream is not None and len(text) > emitted:
+            stream(text[emitted:])
+        return text
+
+    # ---- sharing and editing ----------------------------------------------------------------------
+    def fork(self) -> Context:
+        """A new context sharing this one's KV copy-on-write, with the same queued tokens.
+
+        Queued tokens but the last run first, so their pages are shared rather than recomputed.
+        """
+        self._flush_nowait(keep_last=True)
+        child = Context(self.model, _handle=int(call(kv.fork, self.handle)))
+        child.pending = list(self.pending)
+        return child
+
+    def export(self, name: str) -> None:
+        """Publishes this context's KV under `name` (queued tokens run first)."""
+        self._flush_nowait(keep_last=False)
+        call(kv.export_context, self.handle, name)
+
+    @classmethod
+    def import_(cls, name: str, model: Model | None = None) -> Context:
+        """A new context starting on the KV another inferlet exported as `name`."""
+        model = model or Model.default()
+        return cls(model, _handle=int(call(kv.import_context, model.handle, name)))
+
+    @staticmethod
+    def unexport(name: str) -> None:
+        call(kv.unexport, name)
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` tokens (KV and queue)."""
+        in_kv = self.kv_length
+        if length >= in_kv:
+            self.pending = self.pending[: length - in_kv]
+        else:
+            self.pending = []
+            call(kv.truncate, self.handle, length)
+
+    def mask(self, start: int, end: int, hidden: bool = True) -> None:
+        """Hides (or shows again) KV slots [start, end) from attention."""
+        call(kv.mask, self.handle, start, end, hidden)
+
+    def close(self) -> None:
+        if self.handle >= 0:
+            call(kv.close, self.handle)
+            self.handle = -1
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _forward_args(
+    tokens: Sequence[int],
+    outputs: Sequence[tuple[int, Sampler]],
+    positions: Sequence[int] | None,
+    attention_mask: Sequence[Sequence[int]] | None,
+    logit_mask: Sequence[int] | None,
+) -> Any:
+    return forward.ForwardArgs(
+        list(tokens),
+        None if positions is None else list(positions),
+        None if attention_mask is None else [list(r) for r in attention_mask],
+        None if logit_mask is None else list(logit_mask),
+        [forward.OutputSpec(int(i), s.to_wit()) for i, s in outputs],
+    )

@@ -1,0 +1,346 @@
+"""BatchScheduler over a FakeEngine whose KV store holds token ids.
+
+Timing is controlled, never slept on: work is queued before start(), or the engine is held
+inside a step (an Event) while more work arrives. RawLogits outputs return the tokens a position
+attends to, so each test checks what every sequence really reads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import cast
+
+import numpy as np
+import pytest
+from fake_engine import Stack
+
+from pie.control import (
+    ControlError,
+    ForwardCancelledError,
+    ForwardRequest,
+    InvalidRequestError,
+    KvContext,
+    SchedulerStoppedError,
+)
+from pie.engine.errors import InvalidBatchError
+from pie.engine.request import Greedy, LogitsResult, RawLogits, SampleResult, TokenResult
+
+Results = Future[list[SampleResult]]
+
+
+def submit(stack: Stack, ctx: KvContext, tokens: list[int], **kwargs: object) -> Results:
+    """A forward whose one output is what its last token sees."""
+    kwargs.setdefault("outputs", [(len(tokens) - 1, RawLogits())])
+    return stack.scheduler.submit(ForwardRequest(ctx, tokens, **kwargs))  # type: ignore[arg-type]
+
+
+def visible(result: SampleResult) -> list[int]:
+    """The tokens a RawLogits output attended to (the fake engine's answer)."""
+    assert isinstance(result, LogitsResult)
+    return list(cast(tuple[int, ...], result.logits))
+
+
+def seen(future: Results) -> list[int]:
+    return visible(future.result(timeout=10)[0])
+
+
+def test_lone_request_runs_at_once(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    stack.scheduler.start()
+    ctx = stack.contexts.create(1)
+    future = submit(stack, ctx, [5, 6, 7], outputs=[(2, Greedy()), (0, RawLogits())])
+    assert future.result(timeout=10) == [TokenResult(8), ((5,),)]
+    assert [len(b.sequences) for b in stack.engine.batches] == [1]
+    assert stack.scheduler.stats.steps == 1
+
+
+def test_requests_arriving_during_a_step_are_batched(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    a, b, c = (stack.contexts.create(owner) for owner in (1, 2, 3))
+    stack.scheduler.start()
+    stack.engine.hold()
+    fa = submit(stack, a, [1, 2])
+    assert stack.engine.wait_step().sequences[0].tokens == [1, 2]  # a runs alone, held
+    fb, fc = submit(stack, b, [3]), submit(stack, c, [4, 5])
+    stack.engine.release()
+    assert (seen(fa), seen(fb), seen(fc)) == ([1, 2], [3], [4, 5])
+    assert [[s.tokens for s in b.sequences] for b in stack.engine.batches] == [
+        [[1, 2]],
+        [[3], [4, 5]],
+    ]
+
+
+def test_long_prefill_is_chunked_and_never_stalls_decodes(make_stack: Callable[..., Stack]) -> None:
+    # The brief's case: a 4000-token prefill and 20 decoders, 512 tokens per step.
+    stack = make_stack(num_pages=512, page_size=16, max_batch_tokens=512)
+    prompt = [t % 1000 for t in range(4000)]
+    prefill = submit(
+        stack,
+        stack.contexts.create(0),
+        prompt,
+        outputs=[(3999, Greedy()), (100, RawLogits())],  # results follow this order
+    )
+    decoders = [stack.contexts.create(d) for d in range(1, 21)]
+    chains = {
+        d: [submit(stack, ctx, [d * 10 + k]) for k in range(10)] for d, ctx in enumerate(decoders)
+    }
+    stack.scheduler.start()
+    assert prefill.result(timeout=10) == [TokenResult(0), (tuple(prompt[:101]),)]
+    for d, futures in chains.items():
+        for k, future in enumerate(futures):
+            assert seen(future) == [d * 10 + j for j in range(k + 1)]
+    steps = stack.engine.batches
+    chunks = [len(s.tokens) for b in steps for s in b.sequences if len(s.tokens) > 1]
+    assert chunks == [492] * 8 + [64]  # 512 minus the 20 decodes, until the prompt is done
+    for batch in steps[:9]:
+        assert sum(len(s.tokens) for s in batch.sequences) <= 512
+        assert sum(len(s.tokens) == 1 for s in batch.sequences) == 20  # every decoder, every step
+    assert stack.scheduler.stats.queue_depth == 0
+
+
+def test_one_chunk_per_context_and_order_kept(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    a, b = stack.contexts.create(1), stack.contexts.create(2)
+    fa = [submit(stack, a, [t]) for t in (1, 2, 3)]
+    fb = submit(stack, b, [9])
+    stack.scheduler.start()
+    assert [seen(f) for f in fa] == [[1], [1, 2], [1, 2, 3]]
+    assert seen(fb) == [9]
+    assert [[s.tokens for s in b.sequences] for b in stack.engine.batches] == [
+        [[1], [9]],
+        [[2]],
+        [[3]],
+    ]
+
+
+def test_chunks_of_one_forward_run_in_order(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(max_batch_tokens=4, decode_tokens=1)
+    ctx = stack.contexts.create(1)
+    first = submit(stack, ctx, list(range(10)), outputs=[(9, RawLogits()), (3, Greedy())])
+    then = submit(stack, ctx, [50, 51])
+    stack.scheduler.start()
+    assert first.result(timeout=10) == [(tuple(range(10)),), TokenResult(4)]
+    assert seen(then) == [*range(10), 50, 51]
+    assert [b.sequences[0].context_len for b in stack.engine.batches] == [0, 4, 8, 10]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"tokens": [1000]}, InvalidBatchError),  # outside the vocabulary (engine's check)
+        ({"tokens": [1], "positions": [8192]}, InvalidBatchError),
+        ({"tokens": []}, InvalidRequestError),
+        ({"tokens": [1, 2], "positions": [0]}, InvalidRequestError),
+        ({"tokens": [1], "outputs": [(1, Greedy())]}, InvalidRequestError),
+        ({"tokens": [1], "attention_mask": np.ones((1, 3), dtype=bool)}, InvalidRequestError),
+        ({"tokens": [1], "attention_mask": np.ones((1, 3), dtype=int)}, InvalidRequestError),
+    ],
+)
+def test_bad_request_fails_alone(
+    make_stack: Callable[..., Stack], kwargs: dict[str, object], error: type[Exception]
+) -> None:
+    stack = make_stack()
+    good1, bad, good2 = (stack.contexts.create(owner) for owner in (1, 2, 3))
+    submit(stack, bad, [7])
+    f1 = submit(stack, good1, [1])
+    kwargs.setdefault("outputs", [])
+    fbad = stack.scheduler.submit(ForwardRequest(bad, **kwargs))  # type: ignore[arg-type]
+    f2 = submit(stack, good2, [2])
+    with pytest.raises(error):
+        fbad.result(timeout=0)  # rejected at submit, before anything ran
+    assert bad.length == 1  # its slots were given back
+    stack.scheduler.start()
+    assert (seen(f1), seen(f2)) == ([1], [2])
+    assert len(stack.engine.batches) == 1 and len(stack.engine.batches[0].sequences) == 3
+
+
+def test_engine_error_fails_only_its_batch(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(poison=666)
+    x, b, c, d = (stack.contexts.create(owner) for owner in (1, 2, 3, 4))
+    stack.scheduler.start()
+    stack.engine.hold()
+    fx = submit(stack, x, [1])
+    stack.engine.wait_step()
+    fb, fc = submit(stack, b, [666]), submit(stack, c, [3])
+    stack.engine.release()
+    assert seen(fx) == [1]
+    for future in (fb, fc):
+        with pytest.raises(RuntimeError, match="poisoned"):
+            future.result(timeout=10)
+    assert seen(submit(stack, d, [4])) == [4]  # the loop keeps running
+    assert stack.scheduler.stats.forwards == 2
+
+
+def test_cancel_owner_fails_queued_and_waits_for_running(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    mine, mine2, theirs = (stack.contexts.create(owner) for owner in (1, 1, 2))
+    stack.scheduler.start()
+    stack.engine.hold()
+    running = submit(stack, mine, [1])
+    stack.engine.wait_step()
+    queued, other = submit(stack, mine2, [2]), submit(stack, theirs, [3])
+    cancelled: list[int] = []
+    canceller = threading.Thread(target=lambda: cancelled.append(stack.scheduler.cancel_owner(1)))
+    canceller.start()
+    with pytest.raises(ForwardCancelledError):
+        queued.result(timeout=10)
+    assert canceller.is_alive()  # owner 1 still has a forward inside the held step
+    stack.engine.release()
+    canceller.join(timeout=10)
+    assert cancelled == [1]
+    assert seen(running) == [1] and seen(other) == [3]
+    assert stack.contexts.close_owner(1) == 2
+
+
+def test_stop_fails_pending_futures(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    a, b = stack.contexts.create(1), stack.contexts.create(2)
+    stack.scheduler.start()
+    stack.engine.hold()
+    running = submit(stack, a, [1])
+    stack.engine.wait_step()
+    pending = submit(stack, b, [2])
+    stopper = threading.Thread(target=stack.scheduler.stop)
+    stopper.start()
+    with pytest.raises(SchedulerStoppedError):
+        pending.result(timeout=10)
+    stack.engine.release()
+    stopper.join(timeout=10)
+    assert seen(running) == [1]  # the step already inside the engine finishes
+    with pytest.raises(SchedulerStoppedError):
+        submit(stack, a, [3]).result(timeout=0)
+    with pytest.raises(SchedulerStoppedError):
+        stack.scheduler.start()
+
+
+def test_stats_report_mean_batch_size(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    ctxs = [stack.contexts.create(owner) for owner in range(3)]
+    futures = [submit(stack, ctx, [1]) for ctx in ctxs] + [submit(stack, ctxs[0], [2, 3])]
+    stack.scheduler.start()
+    for future in futures:
+        future.result(timeout=10)
+    stats = stack.scheduler.stats
+    assert (stats.steps, stats.forwards, stats.tokens, stats.queue_depth) == (2, 4, 5, 0)
+    assert stats.mean_sequences_per_step == 2.0 and stats.mean_tokens_per_step == 2.5
+
+
+def test_forks_see_the_prefix_and_their_own_tokens(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    stack.scheduler.start()
+    parent = stack.contexts.create(1)
+    submit(stack, parent, [1, 2, 3, 4, 5, 6])  # fork waits for it to run
+    children = [stack.contexts.fork(parent) for _ in range(3)]
+    futures = [submit(stack, child, [100 + i]) for i, child in enumerate(children)]
+    mine = submit(stack, parent, [50])
+    assert [seen(f) for f in futures] == [[1, 2, 3, 4, 5, 6, 100 + i] for i in range(3)]
+    assert seen(mine) == [1, 2, 3, 4, 5, 6, 50]
+    # three children copied the shared partial page; the parent then wrote it in place
+    assert [(src, n) for src, _, n in stack.engine.copies] == [(1, 2)] * 3
+    for ctx in [*children, parent]:
+        stack.contexts.close(ctx)
+    assert stack.pool.free_count == 32
+
+
+def test_hidden_slots_and_request_masks_combine(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    stack.scheduler.start()
+    ctx = stack.contexts.create(1)
+    submit(stack, ctx, [1, 2, 3, 4, 5, 6]).result(timeout=10)
+    stack.contexts.mask(ctx, 1, 3, True)
+    assert seen(submit(stack, ctx, [7])) == [1, 4, 5, 6, 7]
+    own = np.ones((1, 8), dtype=bool)
+    own[0, 5] = False  # the request hides slot 5 itself; slots 1, 2 stay hidden by the context
+    assert seen(submit(stack, ctx, [8], attention_mask=own)) == [1, 4, 5, 7, 8]
+
+
+def test_lookahead_masks_are_never_split(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(max_batch_tokens=8, decode_tokens=1)
+    ctx = stack.contexts.create(1)
+    both_ways = np.ones((6, 6), dtype=bool)  # every token sees every other: not causal
+    whole = submit(
+        stack, ctx, [1, 2, 3, 4, 5, 6], attention_mask=both_ways, outputs=[(0, RawLogits())]
+    )
+    other = stack.contexts.create(2)
+    split = submit(stack, other, list(range(10)))
+    too_long = submit(
+        stack, stack.contexts.create(3), list(range(9)), attention_mask=np.ones((9, 9), dtype=bool)
+    )
+    with pytest.raises(InvalidRequestError, match="cannot be split"):
+        too_long.result(timeout=0)
+    stack.scheduler.start()
+    assert seen(whole) == [1, 2, 3, 4, 5, 6]  # token 0 saw the later ones: same step
+    assert seen(split) == list(range(10))
+    assert [[len(s.tokens) for s in b.sequences] for b in stack.engine.batches] == [[6, 2], [8]]
+
+
+def test_fork_waits_for_forwards_in_flight(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    stack.scheduler.start()
+    ctx = stack.contexts.create(1)
+    stack.engine.hold()
+    running = submit(stack, ctx, [1, 2])
+    stack.engine.wait_step()
+    forks: list[KvContext] = []
+    forker = threading.Thread(target=lambda: forks.append(stack.contexts.fork(ctx)))
+    forker.start()
+    assert forker.is_alive()  # cannot share pages while they are being written
+    stack.engine.release()
+    forker.join(timeout=10)
+    assert seen(running) == [1, 2] and forks[0].length == 2
+
+
+def test_submit_needs_a_context_manager_and_wait_idle_a_thread(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()
+    ctx = stack.contexts.create(1)
+    submit(stack, ctx, [1])
+    with pytest.raises(ControlError, match="start"):
+        stack.scheduler.wait_idle(ctx)
+
+
+def test_fifty_threads_of_decodes_stay_consistent(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=512, max_batch_tokens=64)
+    stack.scheduler.start()
+    stack.engine.hold()  # the first prompts gather while the engine is held...
+    prompts_in = threading.Barrier(51, timeout=10)
+    errors: list[BaseException] = []
+
+    def inferlet(owner: int) -> None:
+        try:
+            ctx = stack.contexts.create(owner)
+            history = [owner, owner + 1, owner + 2]
+            out = stack.scheduler.submit(
+                ForwardRequest(ctx, list(history), outputs=[(2, Greedy())])
+            )
+            prompts_in.wait()
+            token = out.result(timeout=10)[0].token_id  # type: ignore[union-attr]
+            for step in range(12):
+                if step == 6 and owner % 2 == 0:  # even owners continue on a fork
+                    child = stack.contexts.fork(ctx)
+                    stack.contexts.close(ctx)
+                    ctx = child
+                history.append(token)
+                future = submit(stack, ctx, [token], outputs=[(0, RawLogits()), (0, Greedy())])
+                view, sampled = future.result(timeout=10)
+                assert visible(view) == history
+                token = sampled.token_id  # type: ignore[union-attr]
+                assert token == (history[-1] + 1) % 1000
+            stack.contexts.close(ctx)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=inferlet, args=(owner,)) for owner in range(50)]
+    for t in threads:
+        t.start()
+    prompts_in.wait()
+    stack.engine.release()  # ...so at least one step carries several of them
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert stack.pool.free_count == 512
+    stats = stack.scheduler.stats
+    assert stats.forwards == 50 * 13 and stats.mean_sequences_per_step > 1
