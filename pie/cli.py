@@ -32,7 +32,9 @@ def _generate(args: argparse.Namespace) -> int:
     sampler = (
         Greedy()
         if args.temperature == 0
-        else Sample(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        else Sample(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
     )
     stream = StreamDecoder(tok)
     stops = tok.stop_token_ids
@@ -55,11 +57,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pie", description="Pie for Python: programmable LLM serving")
+    parser = argparse.ArgumentParser(
+        prog="pie", description="Pie for Python: programmable LLM serving"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="chat completion straight from the engine")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2)")
+    gen.add_argument(
+        "--model", default=None, help="GGUF file or HF folder (default: embedded SmolLM2)"
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     gen.add_argument("--max-tokens", type=int, default=128)

@@ -107,7 +107,9 @@ class Engine:
         tokens = np.asarray(seq.tokens)
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
-            raise InvalidBatchError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            raise InvalidBatchError(
+                f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
+            )
         positions = np.asarray(seq.positions)
         if positions.min() < 0 or positions.max() >= self.max_position:
             raise InvalidBatchError(

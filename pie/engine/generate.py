@@ -14,6 +14,8 @@ from pie.engine.engine import Engine
 from pie.engine.errors import InvalidBatchError
 from pie.engine.request import ForwardBatch, Greedy, SamplerSpec, SequenceForward, TokenResult
 
+GREEDY = Greedy()  # frozen dataclass: safe to share as a default
+
 
 @dataclass(slots=True)
 class _Running:
@@ -29,7 +31,7 @@ def generate(
     engine: Engine,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    sampler: SamplerSpec | Sequence[SamplerSpec] = Greedy(),
+    sampler: SamplerSpec | Sequence[SamplerSpec] = GREEDY,
     stop_token_ids: frozenset[int] | set[int] = frozenset(),
     on_token: Callable[[int, int], None] | None = None,
     max_prefill_tokens: int = 2048,

@@ -108,7 +108,9 @@ def _load_gguf(path: Path) -> LoadedModel:
         if t is None:
             return None
         array = dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the file is mapped read-only
+        return torch.from_numpy(
+            np.array(array, dtype=np.float32)
+        )  # a copy: the file is mapped read-only
 
     weights = _collect(config, lambda pair: read(pair[0]), str(path))
     if config.family in ("llama", "mistral"):
@@ -156,7 +158,8 @@ def _collect(config: ModelConfig, read: Any, where: str) -> dict[str, torch.Tens
     wanted = [(k, names) for k, names in GLOBAL_TENSORS.items()]
     for i in range(config.num_layers):
         wanted += [
-            (f"layers.{i}.{k}", (g.format(i=i), h.format(i=i))) for k, (g, h) in LAYER_TENSORS.items()
+            (f"layers.{i}.{k}", (g.format(i=i), h.format(i=i)))
+            for k, (g, h) in LAYER_TENSORS.items()
         ]
     for key, names in wanted:
         tensor = read(names)

@@ -58,17 +58,44 @@ SHAPES: dict[str, ModelShape] = {
         "qwen3", 64, 2, 4, 2, 32, 96, 256, rope_theta=1e6, max_position=512, tie_embeddings=True
     ),
     "llama-1b": ModelShape(
-        "llama", 2048, 16, 32, 8, 64, 8192, 128256,
-        llama3_scaling=(32.0, 8192), max_position=131072, tie_embeddings=True,
-    ),  # fmt: skip
+        "llama",
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        head_dim=64,
+        mlp=8192,
+        vocab=128256,
+        llama3_scaling=(32.0, 8192),
+        max_position=131072,
+        tie_embeddings=True,
+    ),
     "llama-8b": ModelShape(
-        "llama", 4096, 32, 32, 8, 128, 14336, 128256,
-        llama3_scaling=(8.0, 8192), max_position=131072,
-    ),  # fmt: skip
+        "llama",
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        mlp=14336,
+        vocab=128256,
+        llama3_scaling=(8.0, 8192),
+        max_position=131072,
+    ),
     "qwen3-0.6b": ModelShape(
-        "qwen3", 1024, 28, 16, 8, 128, 3072, 151936,
-        rope_theta=1e6, max_position=40960, tie_embeddings=True, rms_eps=1e-6,
-    ),  # fmt: skip
+        "qwen3",
+        hidden=1024,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        mlp=3072,
+        vocab=151936,
+        rope_theta=1e6,
+        max_position=40960,
+        tie_embeddings=True,
+        rms_eps=1e-6,
+    ),
 }
 
 
@@ -173,7 +200,9 @@ def build(
             raise ValueError(f"unknown model shape {shape!r}: choose from {', '.join(SHAPES)}")
         shape = SHAPES[shape]
     cfg = hf_config(shape)
-    ours = config_from_hf(cfg.to_dict(), name=f"random-{shape.family}-{shape.hidden}x{shape.layers}")
+    ours = config_from_hf(
+        cfg.to_dict(), name=f"random-{shape.family}-{shape.hidden}x{shape.layers}"
+    )
     weights = random_weights(shape, seed, torch.device(device), dtype)
     return RandomModel(shape, cfg, ours, weights)
 
@@ -246,7 +275,9 @@ def hf_model(model: RandomModel, attn_implementation: str = "sdpa") -> Any:
     missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not (m == "lm_head.weight" and model.shape.tie_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"weights do not fit the HF model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"weights do not fit the HF model: missing {missing}, unexpected {unexpected}"
+        )
     if model.shape.tie_embeddings:
         hf.tie_weights()
     hf.eval()

@@ -49,7 +49,10 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         # llama.cpp splits every digit on its own before the GPT-2 regex (as SmolLM's own
         # tokenizer.json does); transformers' GGUF converter does not, so they differ on digits.
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    for names, pattern in ((("llama-bpe", "llama3", "smaug-bpe"), _LLAMA3_SPLIT), (("qwen2",), _QWEN2_SPLIT)):
+    for names, pattern in (
+        (("llama-bpe", "llama3", "smaug-bpe"), _LLAMA3_SPLIT),
+        (("qwen2",), _QWEN2_SPLIT),
+    ):
         if pre in names:
             split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
             return pre_tokenizers.Sequence([split, bytes_only])
@@ -116,13 +119,22 @@ class Tokenizer:
         # Control tokens are special (matched whole in text, skippable on decode); user-defined
         # ones are matched whole but are ordinary text.
         backend.add_special_tokens(
-            [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL]
+            [
+                AddedToken(tokens[i], special=True, normalized=False)
+                for i, t in enumerate(types)
+                if t == _CONTROL
+            ]
         )
         backend.add_tokens(
-            [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _USER_DEFINED]
+            [
+                AddedToken(tokens[i], special=False, normalized=False)
+                for i, t in enumerate(types)
+                if t == _USER_DEFINED
+            ]
         )
         extra = tuple(
-            i for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+            i
+            for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
             if (i := meta.scalar(key, None)) is not None
         )
         special = SpecialIds(
@@ -158,7 +170,9 @@ class Tokenizer:
         if (root / "chat_template.jinja").is_file():
             template = (root / "chat_template.jinja").read_text()
         eos_ids = generation.get("eos_token_id")
-        eos_list = eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []
+        eos_list = (
+            eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []
+        )
         eos = token_id(config.get("eos_token"))
         if eos is None and eos_list:
             eos = int(eos_list[0])
@@ -262,7 +276,9 @@ def _compile_template(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_template_error
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(
+        value, ensure_ascii=False, indent=indent
+    )
     return env.from_string(source)
 
 

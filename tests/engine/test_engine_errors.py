@@ -8,11 +8,20 @@ import torch
 
 from pie.engine.engine import Engine
 from pie.engine.errors import InvalidBatchError
-from pie.engine.request import ForwardBatch, Greedy, LogProbs, Sample, SequenceForward, TopKDistribution
+from pie.engine.request import (
+    ForwardBatch,
+    Greedy,
+    LogProbs,
+    Sample,
+    SequenceForward,
+    TopKDistribution,
+)
 
 
 def good(**over) -> SequenceForward:  # type: ignore[no-untyped-def]
-    fields = dict(tokens=[1, 2, 3], positions=[0, 1, 2], page_ids=[5], context_len=0, outputs=[(2, Greedy())])
+    fields = dict(
+        tokens=[1, 2, 3], positions=[0, 1, 2], page_ids=[5], context_len=0, outputs=[(2, Greedy())]
+    )
     fields.update(over)
     return SequenceForward(**fields)  # type: ignore[arg-type]
 

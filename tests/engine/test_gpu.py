@@ -68,7 +68,9 @@ def llama_1b() -> tuple[LlamaModel, Any]:
 def engine_of(model: LlamaModel, num_pages: int = 512) -> Any:
     from pie.engine.cuda import TritonAttention
 
-    return random_model.make_engine(model, num_pages=num_pages, page_size=PAGE, attention=TritonAttention())
+    return random_model.make_engine(
+        model, num_pages=num_pages, page_size=PAGE, attention=TritonAttention()
+    )
 
 
 def hf_logits(hf: Any, tokens: list[int]) -> torch.Tensor:
@@ -105,7 +107,7 @@ def test_split_k_decode_over_a_long_context(llama_1b: tuple[LlamaModel, Any]) ->
     steps = []
     for i in range(3000, 3005):
         steps.append(engine.forward_logits(ForwardBatch([seq(tokens[i : i + 1], pages, i)])))
-    model.forward  # the split count the decode steps used:
+    # the split count the decode steps used:
     from pie.engine.cuda.metadata import decode_splits
 
     assert decode_splits(1, 8, 3001, engine.attention.config) > 1 and meta.num_decode == 1
@@ -145,16 +147,28 @@ def test_cuda_graph_decode_equals_eager_with_one_sync(llama_1b: tuple[LlamaModel
     prompts = [random_tokens(n, 10 + n) for n in (17, 40, 5)]  # 3 sequences: bucket 4, padded
     pages = [[1, 2], [3, 4, 5], [6]]
     for engine in (eager, graphed):
-        engine.forward_logits(ForwardBatch([seq(p, pg, 0, outputs=False) for p, pg in zip(prompts, pages, strict=True)]))
+        engine.forward_logits(
+            ForwardBatch(
+                [seq(p, pg, 0, outputs=False) for p, pg in zip(prompts, pages, strict=True)]
+            )
+        )
     lengths = [len(p) for p in prompts]
     for step in range(12):
         batch = [
-            SequenceForward([prompts[i][step % len(prompts[i])]], [lengths[i]], pages[i], lengths[i], [(0, Greedy())])
+            SequenceForward(
+                [prompts[i][step % len(prompts[i])]],
+                [lengths[i]],
+                pages[i],
+                lengths[i],
+                [(0, Greedy())],
+            )
             for i in range(3)
         ]
         ours = graphed.forward_logits(ForwardBatch(batch))
         ref = eager.forward_logits(ForwardBatch(batch))
-        assert rel_err(ours, ref) < 1e-2  # the same kernels; cuBLAS may pick another tile for 4 rows
+        assert (
+            rel_err(ours, ref) < 1e-2
+        )  # the same kernels; cuBLAS may pick another tile for 4 rows
         lengths = [n + 1 for n in lengths]
         if lengths[2] == 16:
             pages[2].append(7)
@@ -180,11 +194,16 @@ def test_float32_kernels_match_hf_to_1e3() -> None:
     built = random_model.build("tiny-qwen3", seed=0)
     hf = random_model.hf_model(built)
     model = LlamaModel(built.config, built.weights, CUDA, torch.float32)
-    engine = random_model.make_engine(model, num_pages=16, page_size=PAGE, attention=TritonAttention())
+    engine = random_model.make_engine(
+        model, num_pages=16, page_size=PAGE, attention=TritonAttention()
+    )
     tokens = random_tokens(50, 4, vocab=256)
     pages = [9, 3, 11, 5]
     out = [engine.forward_logits(ForwardBatch([seq(tokens[:33], pages, 0)]))]
-    out += [engine.forward_logits(ForwardBatch([seq(tokens[i : i + 1], pages, i)])) for i in range(33, 50)]
+    out += [
+        engine.forward_logits(ForwardBatch([seq(tokens[i : i + 1], pages, i)]))
+        for i in range(33, 50)
+    ]
     with torch.no_grad():
         ref = hf(torch.tensor([tokens])).logits[0].float()
     assert (torch.cat(out).cpu() - ref).abs().max().item() < 1e-3

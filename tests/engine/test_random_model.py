@@ -21,7 +21,9 @@ PAGE = 16
 CPU = torch.device("cpu")
 
 
-def sequence(tokens: list[int], pages: list[int], ctx: int, mask: np.ndarray | None = None) -> SequenceForward:
+def sequence(
+    tokens: list[int], pages: list[int], ctx: int, mask: np.ndarray | None = None
+) -> SequenceForward:
     n = len(tokens)
     return SequenceForward(
         tokens=tokens,
@@ -99,7 +101,9 @@ def test_weights_of_shares_the_models_memory(built: random_model.RandomModel) ->
     for name, tensor in built.weights.items():
         assert torch.equal(views[name], tensor), name
     assert views["layers.0.wk"].data_ptr() != built.weights["layers.0.wk"].data_ptr()
-    assert views["layers.0.wk"].untyped_storage().data_ptr() == model.layers[0].qkv.weight.data_ptr()  # type: ignore[union-attr]
+    assert (
+        views["layers.0.wk"].untyped_storage().data_ptr() == model.layers[0].qkv.weight.data_ptr()
+    )  # type: ignore[union-attr]
 
 
 def test_shapes_parse_into_our_config() -> None:

@@ -88,7 +88,13 @@ def test_stream_decoder_never_emits_half_characters(tokenizer: Tokenizer) -> Non
 def test_hf_folder_tokenizer(tmp_path: Path, tokenizer: Tokenizer) -> None:
     tokenizer.backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "bos_token": None, "chat_template": "{{ messages[0]['content'] }}!"})
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "bos_token": None,
+                "chat_template": "{{ messages[0]['content'] }}!",
+            }
+        )
     )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     folder = Tokenizer.from_hf_folder(tmp_path)
@@ -98,7 +104,7 @@ def test_hf_folder_tokenizer(tmp_path: Path, tokenizer: Tokenizer) -> None:
 
 
 def test_unsafe_or_missing_inputs_raise(tmp_path: Path, tokenizer: Tokenizer) -> None:
-    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.json"):
         Tokenizer.from_hf_folder(tmp_path)
     evil = Tokenizer(
         tokenizer.backend,
@@ -106,5 +112,5 @@ def test_unsafe_or_missing_inputs_raise(tmp_path: Path, tokenizer: Tokenizer) ->
         chat_template="{{ messages.__class__.__mro__[1].__subclasses__() }}",
         add_bos=False,
     )
-    with pytest.raises(Exception, match="unsafe|access"):
+    with pytest.raises(Exception, match=r"unsafe|access"):
         evil.apply_chat_template([{"role": "user", "content": "x"}])

@@ -59,7 +59,10 @@ def random_mask(n: int, length: int, seed: int) -> np.ndarray:
 
 
 def run_both(
-    batch: ForwardBatch, dtype: torch.dtype = torch.float32, config: KernelConfig = SMALL, seed: int = 0
+    batch: ForwardBatch,
+    dtype: torch.dtype = torch.float32,
+    config: KernelConfig = SMALL,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, TritonMetadata]:
     """(ours, reference) outputs and caches for one layer over `batch`, same inputs."""
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +76,9 @@ def run_both(
     v = qkv[:, (HEADS + KV_HEADS) * DIM :].view(tokens, KV_HEADS, DIM)
     ref_cache = cache.clone()
     ref = TorchAttention()
-    ref_out = ref.forward(q, k, v, ref_cache[0], ref_cache[1], ref.prepare(batch, PAGE, DEVICE), DIM**-0.5)
+    ref_out = ref.forward(
+        q, k, v, ref_cache[0], ref_cache[1], ref.prepare(batch, PAGE, DEVICE), DIM**-0.5
+    )
     ours = TritonAttention(config)
     meta = ours.prepare(batch, PAGE, DEVICE)
     out = ours.forward(q, k, v, cache[0], cache[1], meta, DIM**-0.5)
@@ -211,7 +216,9 @@ def tiny() -> tuple[random_model.RandomModel, object]:
     return built, random_model.hf_model(built)
 
 
-def logits_seq(tokens: list[int], pages: list[int], ctx: int, mask: np.ndarray | None = None) -> SequenceForward:
+def logits_seq(
+    tokens: list[int], pages: list[int], ctx: int, mask: np.ndarray | None = None
+) -> SequenceForward:
     s = seq(len(tokens), ctx, pages, mask)
     s.tokens = tokens
     s.outputs = [(i, RawLogits()) for i in range(len(tokens))]
@@ -222,7 +229,9 @@ def test_engine_on_triton_matches_hf(tiny: tuple[random_model.RandomModel, objec
     """Prefill, paged decode, two forks on shared pages and a tree mask, against HF (float32)."""
     built, hf = tiny
     model = LlamaModel(built.config, built.weights, DEVICE, torch.float32)
-    engine = random_model.make_engine(model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL))
+    engine = random_model.make_engine(
+        model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL)
+    )
     toks = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
 
     def hf_logits(tokens: list[int]) -> torch.Tensor:
@@ -246,27 +255,35 @@ def test_engine_on_triton_matches_hf(tiny: tuple[random_model.RandomModel, objec
     ).cpu()
     assert_close(out[:2], hf_logits(prefix + a)[35:], 1e-3)
     assert_close(out[2:4], hf_logits(prefix + b[:2])[35:], 1e-3)
-    assert_close(out[4], hf_logits(prefix + [b[0], b[2]])[-1], 1e-3)
+    assert_close(out[4], hf_logits([*prefix, b[0], b[2]])[-1], 1e-3)
     assert_close(out[5], hf_logits(toks[:21])[-1], 1e-3)
 
 
-def test_decode_graph_buffers_pad_and_match_eager(tiny: tuple[random_model.RandomModel, object]) -> None:
+def test_decode_graph_buffers_pad_and_match_eager(
+    tiny: tuple[random_model.RandomModel, object],
+) -> None:
     """The padded static-buffer path of DecodeGraphs (run eagerly here) equals a plain step,
     and its padding rows write no KV."""
     built, _ = tiny
     model = LlamaModel(built.config, built.weights, DEVICE, torch.float32)
-    eager = random_model.make_engine(model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL))
+    eager = random_model.make_engine(
+        model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL)
+    )
     toks = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(3)).tolist()
     prompts = [([1, 2], toks[:17]), ([3], toks[17:30]), ([4, 5, 6], toks[30:60])]
     eager.forward_logits(ForwardBatch([logits_seq(t, p, 0) for p, t in prompts]))
-    graphed = random_model.make_engine(model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL))
+    graphed = random_model.make_engine(
+        model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL)
+    )
     graphed.kv_cache.copy_(eager.kv_cache)
     split = KernelConfig(block_m=16, block_n=16, target_programs=64, split_min_slots=16)
     graphs = DecodeGraphs(
         model, graphed.kv_cache, graphed.attention, PAGE,
         batch_sizes=(1, 4), kernel_config=split, capture=False,
     )  # fmt: skip
-    step = ForwardBatch([decode_seq(toks[i], p, len(t)) for i, (p, t) in zip((5, 6, 7), prompts)])
+    step = ForwardBatch(
+        [decode_seq(toks[i], p, len(t)) for i, (p, t) in zip((5, 6, 7), prompts, strict=True)]
+    )
     assert graphs.metas[4].num_splits is not None and graphs.metas[4].num_splits > 1
     got = graphs.forward_logits(step)
     want = eager.forward_logits(step)
@@ -285,14 +302,24 @@ def decode_seq(token: int, pages: list[int], ctx: int) -> SequenceForward:
 
 
 def test_bucket_choice() -> None:
-    assert [bucket_for(n, DEFAULT_BATCH_SIZES) for n in (1, 3, 8, 9, 200, 256)] == [1, 4, 8, 16, 256, 256]
+    assert [bucket_for(n, DEFAULT_BATCH_SIZES) for n in (1, 3, 8, 9, 200, 256)] == [
+        1,
+        4,
+        8,
+        16,
+        256,
+        256,
+    ]
     assert bucket_for(257, DEFAULT_BATCH_SIZES) is None and bucket_for(0, (1, 2)) is None
 
 
 # ---- the real compiler ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "shape",
-    [["--heads", "32", "--kv-heads", "8", "--head-dim", "128"], ["--heads", "9", "--kv-heads", "3", "--head-dim", "64"]],
+    [
+        ["--heads", "32", "--kv-heads", "8", "--head-dim", "128"],
+        ["--heads", "9", "--kv-heads", "3", "--head-dim", "64"],
+    ],
     ids=["llama-8b", "smollm2"],
 )
 def test_kernels_compile_for_sm90(shape: list[str]) -> None:

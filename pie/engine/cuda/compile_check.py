@@ -57,11 +57,19 @@ def compile_kernel(
         else:
             signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
     # torch allocations are 16-byte aligned, which Triton specialises on at launch
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(kernel.arg_names)
+        if n.endswith("_ptr")
+    }
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    binary = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    binary = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps}
+    )
     registers, spill = _resource_usage(binary.asm["cubin"])
-    variant = ",".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("UPCAST", "PRECISION"))
+    variant = ",".join(
+        f"{k}={v}" for k, v in constexprs.items() if k not in ("UPCAST", "PRECISION")
+    )
     return Compiled(kernel.__name__, variant, registers, spill, int(binary.metadata.shared))
 
 
@@ -99,18 +107,31 @@ def compile_all(
         compile_kernel(
             paged_attention._store_kv_kernel,
             {"k_ptr": bf, "v_ptr": bf, "k_cache_ptr": bf, "v_cache_ptr": bf},
-            {"KV_HEADS": kv_heads, "HEAD_DIM": head_dim, "BLOCK_H": pow2(kv_heads), "BLOCK_D": pow2(head_dim)},
+            {
+                "KV_HEADS": kv_heads,
+                "HEAD_DIM": head_dim,
+                "BLOCK_H": pow2(kv_heads),
+                "BLOCK_D": pow2(head_dim),
+            },
             arch,
             4,
         )
     ]
     for split in (False, True):
         for mask in (False, True):
-            flags = {"BLOCK_H": pow2(group, 16), "BLOCK_D": pow2(head_dim, 16), "BLOCK_N": cfg.block_n}
+            flags = {
+                "BLOCK_H": pow2(group, 16),
+                "BLOCK_D": pow2(head_dim, 16),
+                "BLOCK_N": cfg.block_n,
+            }
             flags |= {"SPLIT_K": split, "HAS_MASK": mask}
             out.append(
                 compile_kernel(
-                    paged_attention._decode_kernel, attn_ptrs, shape | flags | exact, arch, cfg.decode_warps
+                    paged_attention._decode_kernel,
+                    attn_ptrs,
+                    shape | flags | exact,
+                    arch,
+                    cfg.decode_warps,
                 )
             )
     out.append(
@@ -127,14 +148,25 @@ def compile_all(
         flags |= {"HAS_MASK": mask}
         out.append(
             compile_kernel(
-                paged_attention._prefill_kernel, attn_ptrs, shape | flags | exact, arch, cfg.prefill_warps
+                paged_attention._prefill_kernel,
+                attn_ptrs,
+                shape | flags | exact,
+                arch,
+                cfg.prefill_warps,
             )
         )
     norm_ptrs = {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sum_ptr": bf}
     for rows, n, residual in ((1, hidden, True), (heads, head_dim, False)):
         consts = {"HEADS": rows, "N": n, "BLOCK": pow2(n), "HAS_RESIDUAL": residual}
         out.append(compile_kernel(rms_norm._rms_norm_kernel, norm_ptrs, consts, arch, 4))
-    rope_ptrs = {"x_ptr": bf, "pos_ptr": "*i64", "cos_ptr": bf, "sin_ptr": bf, "w_ptr": bf, "out_ptr": bf}
+    rope_ptrs = {
+        "x_ptr": bf,
+        "pos_ptr": "*i64",
+        "cos_ptr": bf,
+        "sin_ptr": bf,
+        "w_ptr": bf,
+        "out_ptr": bf,
+    }
     for rows, norm in ((heads + kv_heads, False), (heads, True)):
         consts = {"HEADS": rows, "DIM": head_dim, "BLOCK_H": pow2(rows), "HAS_NORM": norm}
         out.append(compile_kernel(rope._rope_kernel, rope_ptrs, consts, arch, 4))
@@ -149,9 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=4096)
     args = parser.parse_args(argv)
-    results = compile_all(args.heads, args.kv_heads, args.head_dim, hidden=args.hidden, arch=args.arch)
+    results = compile_all(
+        args.heads, args.kv_heads, args.head_dim, hidden=args.hidden, arch=args.arch
+    )
     for r in results:
-        print(f"{r.kernel:18s} regs={r.registers:3d} spill={r.spill_bytes:5d} shared={r.shared_bytes:6d}  {r.variant}")
+        print(
+            f"{r.kernel:18s} regs={r.registers:3d} spill={r.spill_bytes:5d} shared={r.shared_bytes:6d}  {r.variant}"
+        )
     spilled = [r for r in results if r.spill_bytes > 0]
     print(f"compiled {len(results)} variants for sm_{args.arch}; {len(spilled)} spill registers")
     return 0

@@ -165,7 +165,11 @@ def _reduce_kernel(
     )  # [BLOCK_S, BLOCK_D]
     total = tl.sum(w, 0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(
+        out_ptr + row * stride_ot + h * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d_ok,
+    )
 
 
 # ---- prefill: ragged query blocks, causal or custom mask ------------------------------------------
@@ -259,8 +263,12 @@ def decode_attention(
     group = heads // kv_heads
     splits = meta.num_splits
     num = meta.num_decode
-    if splits > 1 and (meta.partial_out is None or meta.partial_out.shape != (num, heads, splits, dim)):
-        meta.partial_out = torch.empty((num, heads, splits, dim), dtype=torch.float32, device=q.device)
+    if splits > 1 and (
+        meta.partial_out is None or meta.partial_out.shape != (num, heads, splits, dim)
+    ):
+        meta.partial_out = torch.empty(
+            (num, heads, splits, dim), dtype=torch.float32, device=q.device
+        )
         meta.partial_lse = torch.empty((num, heads, splits), dtype=torch.float32, device=q.device)
     part_out = meta.partial_out if splits > 1 else out  # unused when splits == 1
     part_lse = meta.partial_lse if splits > 1 else out
@@ -310,5 +318,3 @@ def prefill_attention(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(dim, 16), HAS_MASK=has_mask,
         UPCAST=interpreting(), PRECISION=dot_precision(k_cache.dtype), num_warps=num_warps,
     )  # fmt: skip
-
-
