@@ -3,11 +3,20 @@
 Work-conserving: a lone forward runs at once; forwards arriving while a step runs gather into
 the next. Each step runs pending copy-on-write page copies, then one engine.execute over a batch
 planned under a token budget (see batching.py), then resolves the futures.
+
+One refinement keeps decoders in phase. The contexts a step just answered are about to send
+their next forward (a decode loop turns around in well under a millisecond per instance), so
+the next step waits for them, but only while they keep coming: at most `gather_gap_s` (and
+never more than the last step took: missing a step costs a straggler one step) after the step
+ended or after the last of them arrived. Without it, N decoders split into a step of one and a
+step of N-1 and stay split, doubling the steps. A lone decoder never waits (it is the only one
+answered, and its forward is already queued), nor does a step the queue already fills.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
@@ -37,6 +46,7 @@ class SchedulerStats:
     mean_sequences_per_step: float
     mean_tokens_per_step: float
     queue_depth: int  # forwards waiting (or partly run) now
+    gather_seconds: float  # engine time spent waiting for answered contexts to come back
 
 
 class BatchScheduler:
@@ -48,6 +58,7 @@ class BatchScheduler:
         max_batch_tokens: int = 512,
         max_batch_sequences: int = 256,
         decode_tokens: int = 16,
+        gather_gap_s: float = 0.005,
     ) -> None:
         for name, value in [
             ("max_batch_tokens", max_batch_tokens),
@@ -56,17 +67,26 @@ class BatchScheduler:
         ]:
             if value < 1:
                 raise InvalidRequestError(f"{name} must be at least 1, got {value}")
+        if gather_gap_s < 0:
+            raise InvalidRequestError(f"gather_gap_s must be 0 or more, got {gather_gap_s}")
         self.engine = engine
         self.page_size = engine.page_size
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sequences = max_batch_sequences
         self.decode_tokens = decode_tokens  # forwards this short go first (decodes)
+        self.gather_gap_s = gather_gap_s  # 0: never wait for answered contexts
         self._contexts: ContextManager | None = None
         self._cond = threading.Condition()
         self._waiting: list[PendingForward] = []  # FCFS; partly run forwards keep their place
         self._running: list[Chunk] = []  # the step now inside the engine
         self._copies: list[CopyOp] = []
         self._unsettled: dict[KvContext, int] = {}  # forwards per context not yet settled
+        # Contexts the last step answered that have not sent their next forward yet, and when
+        # the last of them came back (or the step ended): see the module docstring.
+        self._answered: set[KvContext] = set()
+        self._last_return = 0.0
+        self._last_step_s = 0.0  # how long the last engine step took
+        self._gathered = 0.0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._steps = self._forwards = self._tokens = self._sequences = 0
@@ -100,21 +120,38 @@ class BatchScheduler:
     # ---- calls from inferlet threads ----------------------------------------------------------
     def submit(self, request: ForwardRequest) -> Future[list[SampleResult]]:
         """Reserve the forward's slots and queue it; problems come back through the future."""
-        future: Future[list[SampleResult]] = Future()
-        try:
-            forward = self._admit(request, future)
-        except (ControlError, EngineError) as exc:
-            future.set_exception(exc)
-            return future
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[ForwardRequest]) -> list[Future[list[SampleResult]]]:
+        """`submit` for each request in order, queued at once so they can share one step (an
+        early step never takes the first of a group of forks and leaves the rest)."""
+        futures: list[Future[list[SampleResult]]] = []
+        admitted: list[PendingForward] = []
+        for request in requests:
+            future: Future[list[SampleResult]] = Future()
+            futures.append(future)
+            try:
+                admitted.append(self._admit(request, future))
+            except (ControlError, EngineError) as exc:
+                future.set_exception(exc)
+        if not admitted:
+            return futures
         with self._cond:
             if not self._stopping:
-                self._waiting.append(forward)
-                ctx = request.context
-                self._unsettled[ctx] = self._unsettled.get(ctx, 0) + 1
+                for forward in admitted:
+                    ctx = forward.context
+                    self._waiting.append(forward)
+                    self._unsettled[ctx] = self._unsettled.get(ctx, 0) + 1
+                    if ctx in self._answered:
+                        self._answered.discard(ctx)
+                        self._last_return = time.monotonic()
                 self._cond.notify_all()
-                return future
-        future.set_exception(SchedulerStoppedError("the scheduler stopped; the forward won't run"))
-        return future
+                return futures
+        for forward in admitted:
+            forward.future.set_exception(
+                SchedulerStoppedError("the scheduler stopped; the forward won't run")
+            )
+        return futures
 
     def cancel_owner(self, owner: int) -> int:
         """Fail `owner`'s queued forwards and wait until none of its forwards is in the engine.
@@ -123,6 +160,8 @@ class BatchScheduler:
         """
         with self._cond:
             victims = self._retire([f for f in self._waiting if f.context.owner == owner])
+            self._answered = {c for c in self._answered if c.owner != owner}
+            self._cond.notify_all()  # a gathering step stops waiting for this owner
         self._settle(victims, error=ForwardCancelledError(f"instance {owner} was cancelled"))
         with self._cond:
             if threading.current_thread() is not self._thread:  # a future callback: step is over
@@ -168,6 +207,7 @@ class BatchScheduler:
                 mean_sequences_per_step=self._sequences / steps,
                 mean_tokens_per_step=self._tokens / steps,
                 queue_depth=len(self._waiting),
+                gather_seconds=self._gathered,
             )
 
     # ---- the engine thread --------------------------------------------------------------------
@@ -192,6 +232,7 @@ class BatchScheduler:
         """Block until there is work; take the queued copies and plan the next batch."""
         with self._cond:
             self._cond.wait_for(lambda: self._waiting or self._copies or self._stopping)
+            self._gather()
             if self._stopping:
                 return None
             # Copies and batch are taken together: a forward's CoW copy was queued before the
@@ -204,6 +245,26 @@ class BatchScheduler:
             self._waiting = [f for f in self._waiting if f.remaining > 0]
             self._running = chunks
             return copies, chunks
+
+    def _gather(self) -> None:
+        """Wait (lock held) while the contexts the last step answered keep coming back."""
+        began = time.monotonic()
+        gap = min(self.gather_gap_s, self._last_step_s)
+        while self._waiting and not self._stopping and not self._full():
+            if not any(not ctx.closed for ctx in self._answered):
+                break
+            left = self._last_return + gap - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        self._answered.clear()  # late ones join a later step: wait for each at most once
+        self._gathered += time.monotonic() - began
+
+    def _full(self) -> bool:
+        """Whether the queue already fills a step: waiting longer cannot make it bigger."""
+        if sum(f.remaining for f in self._waiting) >= self.max_batch_tokens:
+            return True
+        return len({f.context for f in self._waiting}) >= self.max_batch_sequences
 
     def _copy_pages(self, copies: list[CopyOp], chunks: list[Chunk]) -> list[Chunk]:
         """Run the copies; if they fail, fail the forwards reading their destination pages."""
@@ -222,8 +283,10 @@ class BatchScheduler:
 
     def _execute(self, chunks: list[Chunk]) -> Exception | None:
         """One engine step; stores each chunk's outputs, or returns the error that failed it."""
+        began = time.monotonic()
         try:
             result = self.engine.execute(ForwardBatch([c.seq for c in chunks]))
+            self._last_step_s = time.monotonic() - began
             counts = [len(outs) for outs in result.outputs]
             if counts != [len(c.out_slots) for c in chunks]:
                 raise ControlError(f"the engine broke its contract: output counts {counts}")
@@ -245,6 +308,9 @@ class BatchScheduler:
             finished = self._retire(ended)
             if error is None:
                 self._forwards += len(finished)
+                # Set before the futures resolve: an answered context may resubmit at once.
+                self._answered = {f.context for f in finished if f.context not in self._unsettled}
+                self._last_return = time.monotonic()
         if error is not None:
             self._settle(finished, error=error)
             return

@@ -256,9 +256,11 @@ class PackedGemv:
         residual: torch.Tensor | None = None,  # [M, N] bf16, for MODE_ADD
     ) -> torch.Tensor:  # [M, n_out] bf16
         rows = x.shape[0]
+        y = torch.empty((rows, self.n_out), dtype=torch.bfloat16)
+        if rows == 0:  # a forward that asks for no outputs reaches the LM head with no rows
+            return y
         if x.stride(-1) != 1:
             x = x.contiguous()
-        y = torch.empty((rows, self.n_out), dtype=torch.bfloat16)
         res_ptr, res_stride = None, 0
         if residual is not None:
             if residual.stride(-1) != 1:

@@ -244,5 +244,7 @@ class LlamaModel:
             o = attention.forward(q, k, v, k_cache, v_cache, meta, scale)  # [T, H, D]
             x = layer.o(o.reshape(n_tokens, q_size), residual=x)
             x = layer.down(layer.gate_up.swiglu(x, norm=layer.mlp_norm, eps=eps), residual=x)
+        if output_rows.numel() == 0:  # a prefill that only fills the cache needs no LM head
+            return torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=x.device)
         x = x.index_select(0, output_rows)
         return self.lm_head(x, norm=self.final_norm, eps=eps).float()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,8 @@ UNWRITTEN = -1  # what a read of a never-written slot returns
 
 
 class FakeEngine:
-    """Implements EnginePort. `hold()` makes the next execute block until `release()`."""
+    """Implements EnginePort. `hold()` makes the next execute block until `release()`;
+    `step_seconds` makes every step take at least that long, like a real forward."""
 
     def __init__(
         self,
@@ -48,6 +50,7 @@ class FakeEngine:
         self.batches: list[ForwardBatch] = []  # every batch that ran, in order
         self.copies: list[tuple[int, int, int]] = []
         self.steps_entered: queue.Queue[ForwardBatch] = queue.Queue()
+        self.step_seconds = 0.0
         self._gate = threading.Event()
         self._gate.set()
 
@@ -92,6 +95,8 @@ class FakeEngine:
         self.steps_entered.put(batch)
         if not self._gate.wait(timeout=10):
             raise RuntimeError("the test never released the held engine")
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         for seq in batch.sequences:
             self.validate(seq)
         written = [

@@ -8,6 +8,7 @@ attends to, so each test checks what every sequence really reads.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import cast
@@ -344,3 +345,89 @@ def test_fifty_threads_of_decodes_stay_consistent(make_stack: Callable[..., Stac
     assert stack.pool.free_count == 512
     stats = stack.scheduler.stats
     assert stats.forwards == 50 * 13 and stats.mean_sequences_per_step > 1
+
+
+# ---- gathering answered decoders into one step ------------------------------------------------
+def decode(stack: Stack, ctx: KvContext, steps: int) -> threading.Thread:
+    """A decoder on its own thread: each forward is sent as soon as the previous one resolved."""
+
+    def loop() -> None:
+        token = ctx.owner
+        for _ in range(steps):
+            future = submit(stack, ctx, [token], outputs=[(0, Greedy())])
+            token = future.result(timeout=10)[0].token_id  # type: ignore[union-attr]
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    return thread
+
+
+def step_sizes(stack: Stack) -> list[int]:
+    return [len(b.sequences) for b in stack.engine.batches]
+
+
+@pytest.mark.parametrize(("gap", "sizes"), [(0.0, [1, 3] * 5 + [1, 3]), (5.0, [1] + [4] * 5 + [3])])
+def test_decoders_split_by_an_idle_engine_merge_again(
+    make_stack: Callable[..., Stack], gap: float, sizes: list[int]
+) -> None:
+    """One decoder finds the engine idle and runs alone; the other three gather meanwhile.
+
+    Without gathering (gap 0) the two groups alternate forever; with it, the step after the
+    split waits for the lone decoder to come back and all four stay together.
+    """
+    stack = make_stack(gather_gap_s=gap)
+    stack.engine.step_seconds = 0.1  # far longer than any thread's turnaround
+    stack.scheduler.start()
+    ctxs = [stack.contexts.create(owner) for owner in range(4)]
+    stack.engine.hold()
+    threads = [decode(stack, ctxs[0], 6)]
+    stack.engine.wait_step()  # decoder 0 runs alone, held
+    threads += [decode(stack, ctx, 6) for ctx in ctxs[1:]]
+    while stack.scheduler.stats.queue_depth < 3:
+        time.sleep(0.001)
+    stack.engine.release()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert step_sizes(stack) == sizes
+
+
+def test_a_lone_decoder_never_waits_to_gather(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(gather_gap_s=5.0)
+    stack.engine.step_seconds = 0.02
+    stack.scheduler.start()
+    decode(stack, stack.contexts.create(1), 10).join(timeout=30)
+    stats = stack.scheduler.stats
+    assert stats.steps == 10 and stats.gather_seconds < 0.01
+
+
+def test_a_straggler_delays_a_step_once_and_at_most_the_gap(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """Decoder 1 stops after 2 forwards: the next step waits for it once, for the gap only."""
+    stack = make_stack(gather_gap_s=0.03)
+    stack.engine.step_seconds = 0.2
+    ctxs = [stack.contexts.create(owner) for owner in (1, 2)]
+    threads = [decode(stack, ctxs[0], 2), decode(stack, ctxs[1], 8)]
+    while stack.scheduler.stats.queue_depth < 2:
+        time.sleep(0.001)
+    stack.scheduler.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert step_sizes(stack) == [2, 2] + [1] * 6
+    assert 0.025 < stack.scheduler.stats.gather_seconds < 0.15  # the gap, not a step
+
+
+def test_a_cancelled_owner_is_not_waited_for(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(gather_gap_s=5.0)
+    stack.engine.step_seconds = 0.5  # so the gather bound is 0.5 s
+    a, b = stack.contexts.create(1), stack.contexts.create(2)
+    fa, fb = submit(stack, a, [1]), submit(stack, b, [2])
+    stack.scheduler.start()
+    for future in (fa, fb):
+        future.result(timeout=10)
+    later = submit(stack, b, [3])  # the step now waits for owner 1...
+    time.sleep(0.05)
+    began = time.monotonic()
+    stack.scheduler.cancel_owner(1)  # ...until owner 1 ends
+    assert seen(later) == [2, 3]
+    assert time.monotonic() - began < 0.9  # one step, not the gather bound on top

@@ -26,10 +26,11 @@ from pie.engine import random_model
 from pie.engine.attention import TorchAttention
 from pie.engine.cuda import TritonAttention
 from pie.engine.cuda.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, bucket_for
+from pie.engine.cuda.fused_model import FusedLlamaModel
 from pie.engine.cuda.metadata import KernelConfig, TritonMetadata
 from pie.engine.cuda.rms_norm import add_rms_norm, rms_norm, rms_norm_reference
 from pie.engine.cuda.rope import rope, rope_reference
-from pie.engine.model import LlamaModel
+from pie.engine.cuda.swiglu import swiglu, swiglu_reference
 from pie.engine.request import ForwardBatch, RawLogits, SequenceForward
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -208,6 +209,16 @@ def test_rope_with_and_without_head_norm(dtype: torch.dtype) -> None:
     assert_close(got, rope_reference(x, pos, cos, sin, w, 1e-6).float(), max(tol, 3 / 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    # 1100 columns: a full block of 1024 and a ragged one; a strided view as the model passes
+    x = (torch.randn(3, 2300, generator=gen) * 3).to(DEVICE, dtype)[:, :2200]
+    tol = 1e-6 if dtype == torch.float32 else 2 / 8  # |y| < 40: 2 ulp of bf16 at 32
+    assert swiglu_reference(x).abs().max().item() < 40
+    assert_close(swiglu(x).float(), swiglu_reference(x).float(), tol)
+
+
 # ---- the whole model on the Triton backend -------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny() -> tuple[random_model.RandomModel, object]:
@@ -226,9 +237,10 @@ def logits_seq(
 
 
 def test_engine_on_triton_matches_hf(tiny: tuple[random_model.RandomModel, object]) -> None:
-    """Prefill, paged decode, two forks on shared pages and a tree mask, against HF (float32)."""
+    """The CUDA path (fused model, Triton attention) in float32 against HF: prefill, paged
+    decode, two forks on shared pages and a tree mask."""
     built, hf = tiny
-    model = LlamaModel(built.config, built.weights, DEVICE, torch.float32)
+    model = FusedLlamaModel(built.config, built.weights, DEVICE, torch.float32)
     engine = random_model.make_engine(
         model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL)
     )
@@ -259,13 +271,38 @@ def test_engine_on_triton_matches_hf(tiny: tuple[random_model.RandomModel, objec
     assert_close(out[5], hf_logits(toks[:21])[-1], 1e-3)
 
 
+def test_fused_qwen3_matches_hf() -> None:
+    """Qwen3's q/k head norm folded into the RoPE kernel, tied embeddings: prefill and decode
+    against HF in float32; and the fused forward against LlamaModel's torch ops."""
+    pytest.importorskip("transformers")
+    from pie.engine.model import LlamaModel
+
+    built = random_model.build("tiny-qwen3", seed=1)
+    hf = random_model.hf_model(built)
+    toks = torch.randint(0, 256, (22,), generator=torch.Generator().manual_seed(5)).tolist()
+    outs = []
+    for cls in (FusedLlamaModel, LlamaModel):
+        model = cls(built.config, built.weights, DEVICE, torch.float32)
+        engine = random_model.make_engine(
+            model, num_pages=8, page_size=PAGE, attention=TritonAttention(SMALL)
+        )
+        steps = [engine.forward_logits(ForwardBatch([logits_seq(toks[:20], [6, 2], 0)]))]
+        for i in (20, 21):
+            steps.append(engine.forward_logits(ForwardBatch([decode_seq(toks[i], [6, 2], i)])))
+        outs.append(torch.cat(steps).cpu())
+    with torch.no_grad():
+        ref = hf(torch.tensor([toks])).logits[0].float()  # type: ignore[operator]
+    assert_close(outs[0], ref, 1e-3)
+    assert_close(outs[0], outs[1], 1e-4)
+
+
 def test_decode_graph_buffers_pad_and_match_eager(
     tiny: tuple[random_model.RandomModel, object],
 ) -> None:
     """The padded static-buffer path of DecodeGraphs (run eagerly here) equals a plain step,
     and its padding rows write no KV."""
     built, _ = tiny
-    model = LlamaModel(built.config, built.weights, DEVICE, torch.float32)
+    model = FusedLlamaModel(built.config, built.weights, DEVICE, torch.float32)
     eager = random_model.make_engine(
         model, num_pages=16, page_size=PAGE, attention=TritonAttention(SMALL)
     )
@@ -314,26 +351,21 @@ def test_bucket_choice() -> None:
 
 
 # ---- the real compiler ---------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "shape",
-    [
-        ["--heads", "32", "--kv-heads", "8", "--head-dim", "128"],
-        ["--heads", "9", "--kv-heads", "3", "--head-dim", "64"],
-    ],
-    ids=["llama-8b", "smollm2"],
-)
-def test_kernels_compile_for_sm90(shape: list[str]) -> None:
+def test_kernels_compile_for_sm90() -> None:
     """The interpreter accepts code the GPU compiler rejects (e.g. a non-constexpr global):
-    compile every variant to an sm_90 cubin with Triton's bundled ptxas, in a clean process."""
+    compile every variant to an sm_90 cubin with Triton's bundled ptxas, in a clean process,
+    for the Llama 8B, Qwen3 0.6B and SmolLM2 shapes."""
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
         pytest.skip("this Triton has no bundled ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    shapes = ["32,8,128,4096", "16,8,128,1024", "9,3,64,576"]
     done = subprocess.run(
-        [sys.executable, "-m", "pie.engine.cuda.compile_check", "--arch", "90", *shape],
+        [sys.executable, "-m", "pie.engine.cuda.compile_check", "--arch", "90",
+         *(arg for shape in shapes for arg in ("--shape", shape))],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "compiled 12 variants for sm_90" in done.stdout
+    assert f"compiled {14 * len(shapes)} variants for sm_90; 0 spill" in done.stdout

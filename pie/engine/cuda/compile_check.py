@@ -4,7 +4,9 @@ Triton ships ptxas, so the full pipeline (Python AST -> TTIR -> PTX -> cubin) ru
 GPU: this catches what the CPU interpreter cannot (non-constexpr globals, dot shapes, type
 errors in compiled code) and reports registers and spills per variant.
 
-    python -m pie.engine.cuda.compile_check [--arch 90] [--heads 32 --kv-heads 8 --head-dim 128]
+    python -m pie.engine.cuda.compile_check [--arch 90] [--shape 32,8,128,4096 ...]
+
+A shape is heads,kv_heads,head_dim,hidden; several compile in one process (one Triton import).
 
 Run it in a process without TRITON_INTERPRET=1: under the interpreter `@triton.jit` yields
 functions that cannot be compiled.
@@ -25,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pie.engine.cuda import paged_attention, rms_norm, rope
+from pie.engine.cuda import paged_attention, rms_norm, rope, swiglu
 from pie.engine.cuda.metadata import KernelConfig
 from pie.engine.cuda.triton_utils import pow2
 
@@ -94,8 +96,8 @@ def compile_all(
     arch: int = 90,
     config: KernelConfig | None = None,
 ) -> list[Compiled]:
-    """Every variant the backend launches for this shape in bfloat16, as TritonAttention,
-    the fused norm and the fused RoPE would launch them."""
+    """Every variant the backend launches for this shape in bfloat16, as TritonAttention and
+    FusedLlamaModel (norm, RoPE, SwiGLU) would launch them."""
     cfg = config or KernelConfig()
     group = heads // kv_heads
     bf = "*bf16"
@@ -156,7 +158,7 @@ def compile_all(
             )
         )
     norm_ptrs = {"x_ptr": bf, "res_ptr": bf, "w_ptr": bf, "out_ptr": bf, "sum_ptr": bf}
-    for rows, n, residual in ((1, hidden, True), (heads, head_dim, False)):
+    for rows, n, residual in ((1, hidden, True), (1, hidden, False)):
         consts = {"HEADS": rows, "N": n, "BLOCK": pow2(n), "HAS_RESIDUAL": residual}
         out.append(compile_kernel(rms_norm._rms_norm_kernel, norm_ptrs, consts, arch, 4))
     rope_ptrs = {
@@ -167,23 +169,34 @@ def compile_all(
         "w_ptr": bf,
         "out_ptr": bf,
     }
-    for rows, norm in ((heads + kv_heads, False), (heads, True)):
+    for rows, norm in ((heads + kv_heads, False), (heads, True), (kv_heads, True)):
         consts = {"HEADS": rows, "DIM": head_dim, "BLOCK_H": pow2(rows), "HAS_NORM": norm}
         out.append(compile_kernel(rope._rope_kernel, rope_ptrs, consts, arch, 4))
+    out.append(
+        compile_kernel(
+            swiglu._swiglu_kernel, {"x_ptr": bf, "out_ptr": bf}, {"BLOCK": swiglu.BLOCK}, arch, 4
+        )
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=4096)
-    args = parser.parse_args(argv)
-    results = compile_all(
-        args.heads, args.kv_heads, args.head_dim, hidden=args.hidden, arch=args.arch
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        help="heads,kv_heads,head_dim,hidden (repeatable; default 32,8,128,4096: Llama 8B)",
     )
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape or ["32,8,128,4096"]]
+    results = []
+    for shape in shapes:
+        if len(shape) != 4:
+            parser.error(f"--shape takes heads,kv_heads,head_dim,hidden; got {shape}")
+        heads, kv_heads, head_dim, hidden = shape
+        results += compile_all(heads, kv_heads, head_dim, hidden=hidden, arch=args.arch)
     for r in results:
         print(
             f"{r.kernel:18s} regs={r.registers:3d} spill={r.spill_bytes:5d} shared={r.shared_bytes:6d}  {r.variant}"

@@ -52,7 +52,8 @@ def decode_runs(runs: list[int], total: int, what: str) -> np.ndarray:
     return np.repeat(values, counts)
 
 
-def execute(host: InstanceHost, handle: int, call: ForwardCall) -> int:
+def request(host: InstanceHost, handle: int, call: ForwardCall) -> Any:
+    """The control layer's ForwardRequest for `call` on context `handle`, checked."""
     from pie.control.forward import ForwardRequest
 
     ctx = kv.get(host, handle)
@@ -78,7 +79,7 @@ def execute(host: InstanceHost, handle: int, call: ForwardCall) -> int:
     logit_mask = None
     if call.logit_mask is not None:
         logit_mask = decode_runs(call.logit_mask, int(engine.vocab_size), "logit mask")  # [vocab]
-    request = ForwardRequest(
+    return ForwardRequest(
         context=ctx,
         tokens=list(call.tokens),
         positions=None if call.positions is None else list(call.positions),
@@ -86,22 +87,40 @@ def execute(host: InstanceHost, handle: int, call: ForwardCall) -> int:
         logit_mask=logit_mask,
         outputs=list(call.outputs),
     )
-    # The handle is checked first: a forward submitted without one could never be taken.
-    if len(host.handles) >= host.handles.limit:
-        raise HostError(
-            f"open-handle limit reached ({host.handles.limit}): take or discard futures"
-        )
-    return futures.add(host, "forward", host.services.scheduler.submit(request), ctx)
+
+
+def execute(host: InstanceHost, handle: int, call: ForwardCall) -> int:
+    result = execute_many(host, [(handle, call)])[0]
+    if isinstance(result, str):
+        raise HostError(result)
+    return result
 
 
 def execute_many(host: InstanceHost, passes: list[tuple[int, ForwardCall]]) -> list[int | str]:
-    """`execute` for each pass, in order; per pass a future handle or an error message."""
+    """Submits the passes together, in order; per pass a future handle or an error message.
+
+    They reach the scheduler in one call, so no step can start between two of them.
+    """
     results: list[int | str] = []
+    requests: list[Any] = []
+    # Each pass needs a free handle, checked before it is submitted: a forward submitted
+    # without one could never be taken.
+    room = host.handles.limit - len(host.handles)
     for handle, call in passes:
         try:
-            results.append(execute(host, handle, call))
+            if len(requests) >= room:
+                raise HostError(
+                    f"open-handle limit reached ({host.handles.limit}): take or discard futures"
+                )
+            requests.append(request(host, handle, call))
+            results.append(len(requests) - 1)
         except GUEST_ERRORS as e:
             results.append(str(e) or type(e).__name__)
+    submitted = host.services.scheduler.submit_many(requests)
+    for i, result in enumerate(results):
+        if isinstance(result, int):
+            req = requests[result]
+            results[i] = futures.add(host, "forward", submitted[result], req.context)
     return results
 
 
