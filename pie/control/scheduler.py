@@ -5,7 +5,7 @@ the next. Each step runs pending copy-on-write page copies, then one engine.exec
 planned under a token budget (see batching.py), then resolves the futures.
 
 One refinement keeps decoders in phase. The contexts a step just answered are about to send
-their next forward (a decode loop turns around in well under a millisecond per instance), so
+their next forward (a decode loop turns around in about a millisecond per instance), so
 the next step waits for them, but only while they keep coming: at most `gather_gap_s` (and
 never more than the last step took: missing a step costs a straggler one step) after the step
 ended or after the last of them arrived. Without it, N decoders split into a step of one and a
@@ -58,7 +58,7 @@ class BatchScheduler:
         max_batch_tokens: int = 512,
         max_batch_sequences: int = 256,
         decode_tokens: int = 16,
-        gather_gap_s: float = 0.005,
+        gather_gap_s: float = 0.01,
     ) -> None:
         for name, value in [
             ("max_batch_tokens", max_batch_tokens),
@@ -74,7 +74,9 @@ class BatchScheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_sequences = max_batch_sequences
         self.decode_tokens = decode_tokens  # forwards this short go first (decodes)
-        self.gather_gap_s = gather_gap_s  # 0: never wait for answered contexts
+        # 0: never wait for answered contexts. The default is two GIL switch intervals: a
+        # runnable inferlet thread has had its turn by then.
+        self.gather_gap_s = gather_gap_s
         self._contexts: ContextManager | None = None
         self._cond = threading.Condition()
         self._waiting: list[PendingForward] = []  # FCFS; partly run forwards keep their place

@@ -89,10 +89,20 @@ class Engine:
             tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)
         else:
             tokenizer = Tokenizer.from_hf_folder(loaded.source)
-        net = LlamaModel(loaded.config, loaded.weights, dev, dtype or default_dtype(dev))
         backend_name = attention or ("triton" if dev.type == "cuda" else "torch")
         backend = _make_backend(backend_name)
-        return cls(net, tokenizer, num_pages=num_pages, page_size=page_size, attention=backend)
+        model_class = LlamaModel
+        if backend_name == "triton":  # the CUDA backend: fused norm/RoPE/SwiGLU kernels too
+            from pie.engine.cuda.fused_model import FusedLlamaModel
+
+            model_class = FusedLlamaModel
+        net = model_class(loaded.config, loaded.weights, dev, dtype or default_dtype(dev))
+        engine = cls(net, tokenizer, num_pages=num_pages, page_size=page_size, attention=backend)
+        if backend_name == "triton" and dev.type == "cuda":  # decode steps replay CUDA graphs
+            from pie.engine.cuda import cuda_graphs
+
+            cuda_graphs.install(engine)
+        return engine
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, seq: SequenceForward) -> None:
@@ -104,16 +114,17 @@ class Engine:
             raise InvalidBatchError(f"{n} tokens but {len(seq.positions)} positions")
         if seq.context_len < 0:
             raise InvalidBatchError(f"context_len {seq.context_len} is negative")
-        tokens = np.asarray(seq.tokens)
-        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-            bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
+        # Python's min/max, not numpy's: a batch of 256 decodes validates 256 one-token lists
+        # per step, and numpy's per-call cost made that the slowest part of a GPU step.
+        if min(seq.tokens) < 0 or max(seq.tokens) >= self.vocab_size:
+            bad = next(int(t) for t in seq.tokens if not 0 <= t < self.vocab_size)
             raise InvalidBatchError(
                 f"token id {bad} is outside the vocabulary [0, {self.vocab_size})"
             )
-        positions = np.asarray(seq.positions)
-        if positions.min() < 0 or positions.max() >= self.max_position:
+        low, high = min(seq.positions), max(seq.positions)
+        if low < 0 or high >= self.max_position:
             raise InvalidBatchError(
-                f"position {int(positions.max() if positions.max() >= self.max_position else positions.min())}"
+                f"position {int(high if high >= self.max_position else low)}"
                 f" is outside the model's context [0, {self.max_position})"
             )
         length = seq.context_len + n
@@ -122,10 +133,10 @@ class Engine:
             raise InvalidBatchError(
                 f"{length} slots need {needed} pages of {self.page_size}, got {len(seq.page_ids)}"
             )
-        pages = np.asarray(seq.page_ids[:needed])
-        if pages.min() < 0 or pages.max() >= self.num_pages:
+        pages = seq.page_ids[:needed]
+        if min(pages) < 0 or max(pages) >= self.num_pages:
             raise InvalidBatchError(f"page id outside the pool [0, {self.num_pages})")
-        if len(np.unique(pages)) != len(pages):
+        if len(set(pages)) != needed:
             raise InvalidBatchError("a page appears twice in one sequence's page list")
         if seq.attention_mask is not None:
             mask = np.asarray(seq.attention_mask)
@@ -149,16 +160,17 @@ class Engine:
     def _validate_batch(self, batch: ForwardBatch) -> None:
         if not batch.sequences:
             raise InvalidBatchError("empty batch")
-        for seq in batch.sequences:
-            self.validate(seq)
-        rows = np.concatenate(
-            [
-                sequence_cache_rows(s.page_ids, s.context_len + len(s.tokens), self.page_size)[
-                    s.context_len :
-                ]
-                for s in batch.sequences
-            ]
-        )
+        ps = self.page_size
+        decode_rows: list[int] = []  # the slot a one-token sequence writes, computed directly
+        longer: list[np.ndarray] = []
+        for s in batch.sequences:
+            self.validate(s)
+            if len(s.tokens) == 1:
+                decode_rows.append(int(s.page_ids[s.context_len // ps]) * ps + s.context_len % ps)
+            else:
+                rows = sequence_cache_rows(s.page_ids, s.context_len + len(s.tokens), ps)
+                longer.append(rows[s.context_len :])
+        rows = np.concatenate([np.asarray(decode_rows, dtype=np.int64), *longer])
         if len(np.unique(rows)) != len(rows):
             raise InvalidBatchError("two new tokens in the batch would write the same KV slot")
 

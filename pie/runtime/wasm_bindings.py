@@ -1,12 +1,13 @@
 """The wasm glue: registers the host implementation into a wasmtime component `Linker`.
 
-Each WIT function becomes a Python callable that finds the calling instance (its thread),
-converts wasmtime values (Record, Variant) to host types, calls the one host implementation in
-`runtime/host/`, and converts back. No Python exception may escape a host function: wasmtime
+Each WIT function becomes a Python callable, reached through the trampoline of
+`wasm_calls.py` (which finds the calling instance by its thread and converts the raw values),
+that turns wasmtime values (Record, Variant) into host types, calls the one host implementation
+in `runtime/host/`, and converts back. No Python exception may escape a host function: wasmtime
 parks it in a module global that another instance's thread would re-raise. So every error a
 guest can handle returns as a WIT `err`, and everything else raises `WasmtimeError` (carried
-per call), which traps only the calling instance. After every call the store's epoch deadline
-is reset from the instance's remaining CPU and wall time (waits in the host do not count).
+per call), which traps only the calling instance. After a call that waited, the store's epoch
+deadline is reset from the instance's remaining CPU and wall time (waits do not count as CPU).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from pie.engine.request import (
     TokenResult,
     TopKDistribution,
 )
+from pie.runtime import wasm_calls
 from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceTrap
 from pie.runtime.host import forward, kv, messaging, model, poll, runtime_api, session
 from pie.runtime.host.forward import ForwardCall, LogitsRef
-from pie.runtime.host.state import InstanceHost, current_host
+from pie.runtime.host.state import InstanceHost
 from pie.runtime.wit import interface_name
 
 log = logging.getLogger(__name__)
@@ -206,18 +208,21 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
 }
 
 
-def set_deadline(store: Any, host: InstanceHost) -> None:
-    """Epoch deadline = the instance's remaining CPU or wall time, whichever is less."""
+def set_deadline(context: Any, host: InstanceHost) -> None:
+    """Epoch deadline = the instance's remaining CPU or wall time, whichever is less.
+
+    `context` is a raw store context (a host call's) or a Store (before instantiation).
+    """
+    if isinstance(context, wasmtime.Store):
+        context = context._context()
     remaining = min(host.cpu_remaining(), host.wall_remaining())
     ticks = _NO_DEADLINE if math.isinf(remaining) else max(1, math.ceil(remaining / TICK_SECONDS))
-    ffi.wasmtime_context_set_epoch_deadline(store._context(), ticks)
+    ffi.wasmtime_context_set_epoch_deadline(context, ticks)
 
 
 def _wrap(qualified: str, fn: HostFn, kind: str) -> Callable[..., Any]:
-    def host_call(store: Any, *args: Any) -> Any:
-        host = current_host()
-        if host is None:
-            raise wasmtime.WasmtimeError(f"{qualified} called from a thread that runs no inferlet")
+    def host_call(host: InstanceHost, context: Any, *args: Any) -> Any:
+        waited = host.waited
         try:
             host.check_alive()
             value = fn(host, *args)
@@ -226,8 +231,7 @@ def _wrap(qualified: str, fn: HostFn, kind: str) -> Callable[..., Any]:
             if kind == PLAIN:  # no way to report it: end the instance with the message
                 host.trap_reason = f"{qualified}: {message}"
                 raise wasmtime.WasmtimeError(host.trap_reason) from None
-            set_deadline(store, host)
-            return wc.Variant("err", message) if kind == TAGGED else message
+            value = wc.Variant("err", message) if kind == TAGGED else message
         except InstanceTrap as e:
             host.trap_reason = str(e)
             raise wasmtime.WasmtimeError(str(e)) from None
@@ -235,8 +239,13 @@ def _wrap(qualified: str, fn: HostFn, kind: str) -> Callable[..., Any]:
             log.exception("host call %s of instance %d failed", qualified, host.id)
             host.trap_reason = f"internal error in host call {qualified}: {e!r}"
             raise wasmtime.WasmtimeError(host.trap_reason) from None
-        set_deadline(store, host)
-        return wc.Variant("ok", value) if kind == TAGGED else value
+        else:
+            value = wc.Variant("ok", value) if kind == TAGGED else value
+        if host.waited != waited:
+            # Time blocked in the host is not CPU time: move the deadline out again. Calls that
+            # did not wait keep the old one, which counted their time as CPU, as it was.
+            set_deadline(context, host)
+        return value
 
     host_call.__name__ = qualified
     return host_call
@@ -250,5 +259,6 @@ def build_linker(engine: wasmtime.Engine) -> wc.Linker:
         for interface, functions in FUNCTIONS.items():
             with root.add_instance(interface_name(interface)) as inst:
                 for name, (fn, kind) in functions.items():
-                    inst.add_func(name, _wrap(f"{interface}.{name}", fn, kind))
+                    qualified = f"{interface}.{name}"
+                    wasm_calls.add_function(inst, name, qualified, _wrap(qualified, fn, kind))
     return linker

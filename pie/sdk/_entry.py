@@ -36,6 +36,19 @@ def run_inferlet(module: ModuleType, input: str, source: str | None = None) -> s
     return "" if result is None else str(result)
 
 
+async def _nothing() -> None:
+    pass
+
+
+def warm_up() -> None:
+    """Runs the event loop once without a host call.
+
+    Called at build time: what asyncio sets up on first use (its policy, the loop's clock and
+    code paths) then lives in the component's snapshot instead of costing every launch ~2 ms.
+    """
+    run(_nothing())
+
+
 def _format_error(error: Exception, module: ModuleType, source: str | None) -> str:
     text = "".join(traceback.format_exception(error))
     built_as = getattr(module, "__file__", None)

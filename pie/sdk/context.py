@@ -99,7 +99,8 @@ class Context:
                             attention_mask=attention_mask, logit_mask=logit_mask)
             )  # fmt: skip
         args = _forward_args(tokens, outputs, positions, attention_mask, logit_mask)
-        return await self.result(await loop.queue_forward(self.handle, args))
+        done = await loop.queue_forward(self.handle, args)  # sent, run and ready
+        return [from_wit(o) for o in call(forward.outputs, done)]
 
     async def next_token(self, sampler: Sampler | None = None, **masks: Any) -> int:
         """Runs the queued tokens, samples one token at the last, and queues it."""

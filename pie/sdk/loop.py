@@ -22,27 +22,35 @@ class _HostSelector:
     """Stands where a selector would: `select(timeout)` waits on host futures instead of fds."""
 
     def __init__(self) -> None:
-        self.waiting: dict[int, asyncio.Future[None]] = {}
+        # host future id -> the asyncio future completed (with that id) once it is ready
+        self.waiting: dict[int, asyncio.Future[int]] = {}
         # Forward passes started by tasks in this turn, sent together before the loop waits.
         self.outbox: list[tuple[int, Any, asyncio.Future[int]]] = []
 
-    def flush(self) -> None:
-        """Sends the queued forward passes in one host call, so they share a batch."""
+    def flush(self) -> bool:
+        """Sends the queued forward passes in one host call, so they share a batch.
+
+        Each pass's future then waits for the pass to finish. Returns whether some task can
+        run now (a pass was refused).
+        """
         batch, self.outbox = self.outbox, []
         results = forward.execute_many([(ctx, args) for ctx, args, _ in batch])
+        woken = False
         for (_, _, fut), result in zip(batch, results, strict=True):
             if fut.cancelled():
                 if isinstance(result, Ok):
                     call(poll.discard, result.value)
             elif isinstance(result, Ok):
-                fut.set_result(result.value)
+                self.waiting[result.value] = fut
             else:
                 fut.set_exception(PieError(str(result.value)))
+                woken = True
+        return woken
 
     def select(self, timeout: float | None) -> list[Any]:
-        if self.outbox:
-            self.flush()  # wakes the submitting tasks: run them before blocking
-            return []
+        # Passes are sent and then waited for in the same turn: a decode step costs one turn.
+        if self.outbox and self.flush():
+            return []  # a refused pass wakes its task: run it before blocking
         for fid in [fid for fid, fut in self.waiting.items() if fut.cancelled()]:
             # Its task was cancelled: nobody will take the value, so free the host future.
             del self.waiting[fid]
@@ -61,7 +69,7 @@ class _HostSelector:
         for index in call(poll.wait_any, ids, timeout_ms):
             fut = self.waiting.pop(ids[index], None)
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                fut.set_result(ids[index])
         return []
 
     def close(self) -> None:
@@ -82,14 +90,15 @@ class PieEventLoop(asyncio.BaseEventLoop):
         """Guests are single-threaded: nothing to wake."""
 
     def queue_forward(self, context: int, args: Any) -> asyncio.Future[int]:
-        """A future for the host future id of a forward pass sent when this turn ends."""
+        """A forward pass sent when this turn ends; the future gives its host future id once
+        the pass has finished (its outputs are ready to take)."""
         fut: asyncio.Future[int] = self.create_future()
         self._selector.outbox.append((context, args, fut))
         return fut
 
-    def host_future(self, fid: int) -> asyncio.Future[None]:
-        """An asyncio future that completes when host future `fid` is ready."""
-        fut: asyncio.Future[None] = self.create_future()
+    def host_future(self, fid: int) -> asyncio.Future[int]:
+        """An asyncio future that completes (with `fid`) when host future `fid` is ready."""
+        fut: asyncio.Future[int] = self.create_future()
         self._selector.waiting[fid] = fut
         return fut
 

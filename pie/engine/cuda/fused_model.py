@@ -66,11 +66,15 @@ class FusedLlamaModel(LlamaModel):
             qkv = layer.qkv(normed)  # [T, (H + 2 KH) * D]
             v = qkv[:, q_size + kv_size :].view(n, kv_heads, dim)
             if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: norm, then rotate
-                q = rotate(qkv[:, :q_size].view(n, heads, dim), positions, cos, sin, layer.q_norm, eps)
+                q = rotate(
+                    qkv[:, :q_size].view(n, heads, dim), positions, cos, sin, layer.q_norm, eps
+                )
                 k_in = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, dim)
                 k = rotate(k_in, positions, cos, sin, layer.k_norm, eps)
             else:  # q and k rotate together: one launch for H + KH heads
-                qk = rotate(qkv[:, : q_size + kv_size].view(n, heads + kv_heads, dim), positions, cos, sin)
+                qk = rotate(
+                    qkv[:, : q_size + kv_size].view(n, heads + kv_heads, dim), positions, cos, sin
+                )
                 q, k = qk[:, :heads], qk[:, heads:]
             o = attention.forward(q, k, v, k_cache, v_cache, meta, scale)  # [T, H, D]
             h = layer.o(o.reshape(n, q_size))

@@ -1,0 +1,296 @@
+"""`python -m bench.overhead`: what running generation inside sandboxed inferlets costs.
+
+One process, one engine instance (the embedded SmolLM2 on the CPU), one run. The workload: B
+concurrent requests (B = 1, 8, 32), each a 128-token prompt of English text and exactly 128 new
+greedy tokens (no stop tokens, so every path does the same work), through three paths:
+
+  engine     `pie.engine.generate.generate` over the B prompts: the engine driven directly by
+             the classic loop (prefill, then one batched decode step per token). The peer.
+  control    B host threads, each a decode loop submitting forwards to the same BatchScheduler
+             and contexts the runtime uses: the control layer without the sandbox.
+  inferlets  B instances of a prebuilt component (the guest below: fill the prompt, generate),
+             launched at once and batched by the scheduler: the whole Pie path.
+
+Why `generate` is the peer: it is what an application would run without Pie, and it needs no
+threads, futures or page bookkeeping, so "inferlet_overhead" charges Pie with everything it adds
+(control layer + sandbox); the control row shows how that splits. All paths share one token
+budget per step (`--step-tokens`, generate's default of 2048), so prefill is chunked alike.
+
+Wall time runs from the first request to the last token (inferlet launches included: a server
+pays them). Paths alternate within each repeat and the fastest run of each is kept: other
+tenants of a shared machine only ever slow a run down. Outputs are compared token for token.
+
+Then the costs of the parts: a trivial host call from the guest, one element of a list crossing
+the boundary each way, launching an instance (cold: compile; cached: already compiled), and the
+resident memory of an idle instance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pie.control import ForwardRequest
+from pie.engine.engine import Engine
+from pie.engine.generate import generate
+from pie.engine.request import Greedy, TokenResult
+from pie.runtime.build import build_inferlet, cache_dir
+from pie.runtime.component_cache import ComponentCache
+from pie.runtime.runtime import Runtime
+from pie.runtime.session import QueueSession
+
+from bench.engine import machine, make_prompts
+
+GUEST = '''"""Guest of `python -m bench.overhead` (generated; edit bench/overhead.py)."""
+import asyncio
+import json
+import time
+
+from pie.sdk import Context, pull
+from pie.sdk import _wit as wit
+
+
+async def generate(prompt, n):
+    ctx = Context()
+    ctx.fill_tokens(json.loads(prompt))
+    return json.dumps(await ctx.generate_tokens(int(n), stop_tokens=()))
+
+
+def host_calls(n):
+    count = int(n)
+    start = time.perf_counter()
+    for _ in range(count):
+        pass
+    empty = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(count):
+        wit.runtime.instance_id()
+    return json.dumps((time.perf_counter() - start - empty) / count)
+
+
+def to_host(n, repeats):
+    data = bytes(int(n))
+    start = time.perf_counter()
+    for _ in range(int(repeats)):
+        wit.session.send_blob(data)
+    return json.dumps((time.perf_counter() - start) / int(repeats))
+
+
+def round_trip(k, repeats):
+    future = Context().submit([1])
+    wit.poll.wait_any([future], None)
+    handles = [future] * int(k)
+    start = time.perf_counter()
+    for _ in range(int(repeats)):
+        wit.poll.wait_any(handles, 0)  # k ids in, k positions out
+    return json.dumps((time.perf_counter() - start) / int(repeats))
+
+
+async def main(args):
+    modes = {"generate": generate, "host-calls": host_calls, "to-host": to_host,
+             "round-trip": round_trip, "hello": lambda: wit.session.send(""),
+             "idle": lambda: pull("never")}
+    result = modes[args[0]](*args[1:])
+    if asyncio.iscoroutine(result) or asyncio.isfuture(result):
+        result = await result
+    return str(result)
+'''
+BATCHES = (1, 8, 32)
+
+
+class Run(NamedTuple):
+    seconds: float
+    outputs: list[list[int]]
+
+
+# ---- the three paths ------------------------------------------------------------------------------
+def run_engine(engine: Engine, prompts: list[list[int]], new: int, step_tokens: int) -> Run:
+    start = time.perf_counter()
+    outputs = generate(engine, prompts, new, max_prefill_tokens=step_tokens)
+    return Run(time.perf_counter() - start, outputs)
+
+
+def run_control(rt: Runtime, prompts: list[list[int]], new: int) -> Run:
+    """One thread per request, each a greedy decode loop on the runtime's scheduler."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+
+    def decode(i: int) -> None:
+        ctx = rt.contexts.create(1_000_000 + i)  # owners no instance uses
+        tokens = list(prompts[i])
+        try:
+            for _ in range(new):
+                request = ForwardRequest(ctx, tokens, outputs=[(len(tokens) - 1, Greedy())])
+                (result,) = rt.scheduler.submit(request).result()
+                assert isinstance(result, TokenResult)
+                outputs[i].append(result.token_id)
+                tokens = [result.token_id]
+        finally:
+            rt.contexts.close(ctx)
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(prompts))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return Run(time.perf_counter() - start, outputs)
+
+
+def run_inferlets(rt: Runtime, prompts: list[list[int]], new: int) -> Run:
+    start = time.perf_counter()
+    instances = [rt.launch("bench", ["generate", json.dumps(p), str(new)]) for p in prompts]
+    outputs = [json.loads(x.wait()) for x in instances]
+    return Run(time.perf_counter() - start, outputs)
+
+
+# ---- the parts ------------------------------------------------------------------------------------
+def guest_number(rt: Runtime, *args: str) -> float:
+    return float(json.loads(rt.run("bench", list(args))))
+
+
+def list_costs(rt: Runtime, quick: bool) -> tuple[float, float]:
+    """Seconds per element: guest → host (list<u8>), and a list<u32> both ways (poll.wait-any
+    over k ids of one ready future: k ids in, k positions out, one handle lookup each)."""
+    n, k, repeats = (1 << 18, 8192, 5) if quick else (1 << 20, 32768, 10)
+    one_way = guest_number(rt, "to-host", str(n), str(repeats))
+    one_way -= guest_number(rt, "to-host", "0", str(repeats))
+    both_ways = guest_number(rt, "round-trip", str(k), str(repeats))
+    both_ways -= guest_number(rt, "round-trip", "1", str(repeats))
+    return one_way / n, both_ways / k
+
+
+def launch_costs(rt: Runtime, wasm: bytes, repeats: int) -> tuple[float, float, float, float]:
+    """(cold compile s, disk-cache load s, cached launch → guest running s, → result s)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = ComponentCache(rt.wasm_engine, "epoch", Path(tmp))
+        start = time.perf_counter()
+        fresh.load(wasm)
+        cold = time.perf_counter() - start
+        again = ComponentCache(rt.wasm_engine, "epoch", Path(tmp))
+        start = time.perf_counter()
+        again.load(wasm)
+        disk = time.perf_counter() - start
+    running, finished = [], []
+    for _ in range(repeats):
+        sent: list[float] = []
+        session = QueueSession(on_text=lambda _id, _text: sent.append(time.perf_counter()))
+        start = time.perf_counter()
+        rt.launch("bench", ["hello"], session=session).wait()
+        finished.append(time.perf_counter() - start)
+        running.append(sent[0] - start)
+    return cold, disk, statistics.median(running), statistics.median(finished)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def idle_memory(rt: Runtime, count: int) -> float:
+    """Resident bytes per instance blocked in a host wait after starting its guest."""
+    before = rss_bytes()
+    instances = [rt.launch("bench", ["idle"]) for _ in range(count)]
+    deadline = time.monotonic() + 60
+    while len(rt.bus.pullers["never"]) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after = rss_bytes()
+    for instance in instances:
+        instance.cancel("benchmark done")
+    for instance in instances:
+        instance.done.exception()
+    return (after - before) / count
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def timed(repeats: int, paths: dict[str, Callable[[], Run]]) -> dict[str, Run]:
+    """Each path `repeats` times, alternating; the fastest run of each."""
+    runs: dict[str, list[Run]] = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, path in paths.items():
+            runs[name].append(path())
+    return {name: min(found, key=lambda r: r.seconds) for name, found in runs.items()}
+
+
+def pct(ours: float, peer: float) -> str:
+    return f"{(ours / peer - 1) * 100:+.1f}%"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per path and batch")
+    parser.add_argument("--step-tokens", type=int, default=2048, help="token budget per step")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.new_tokens, args.repeats = 32, 1
+    batches = [int(b) for b in args.batches.split(",")]
+
+    engine = Engine.load(None, num_pages=1024)
+    source = cache_dir() / "bench" / "overhead_guest.py"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text(GUEST)
+    wasm = build_inferlet(source).read_bytes()  # built once per machine, cached by content
+    print(f"machine: {machine()}")
+    print(
+        f"workload: {args.prompt_len}-token prompts, {args.new_tokens} new greedy tokens, "
+        f"{args.step_tokens} tokens per step, best of {args.repeats}"
+    )
+    with Runtime(engine, max_batch_tokens=args.step_tokens) as rt:
+        rt.add_component(wasm, name="bench")  # compiled (or loaded from disk) before timing
+        warm = make_prompts(engine, 2, 16)
+        run_engine(engine, warm, 4, args.step_tokens)
+        run_inferlets(rt, warm, 4)
+        print(f"\n{'batch':>5} {'engine s':>9} {'control s':>10} {'inferlets s':>12} "
+              f"{'control':>8} {'inferlets':>10} {'tok/s':>7} {'mean seq/step':>14}  same")  # fmt: skip
+        overheads = []
+        for batch in batches:
+            prompts = make_prompts(engine, batch, args.prompt_len)
+            new = args.new_tokens
+            before = rt.scheduler.stats
+            best = timed(
+                args.repeats,
+                {
+                    "engine": lambda: run_engine(engine, prompts, new, args.step_tokens),
+                    "control": lambda: run_control(rt, prompts, new),
+                    "inferlets": lambda: run_inferlets(rt, prompts, new),
+                },
+            )
+            stats = rt.scheduler.stats
+            per_step = (stats.forwards - before.forwards) / max(1, stats.steps - before.steps)
+            e, c, i = (best[k].seconds for k in ("engine", "control", "inferlets"))
+            same = best["inferlets"].outputs == best["engine"].outputs
+            same = same and best["control"].outputs == best["engine"].outputs
+            print(f"{batch:>5} {e:>9.2f} {c:>10.2f} {i:>12.2f} {pct(c, e):>8} {pct(i, e):>10} "
+                  f"{batch * new / i:>7.1f} {per_step:>14.1f}  {'yes' if same else 'NO'}")  # fmt: skip
+            overheads.append(f"bs{batch}={(i / e - 1) * 100:.1f}")
+
+        call = guest_number(rt, "host-calls", "2000" if args.quick else "20000")
+        to_host, both = list_costs(rt, args.quick)
+        cold, disk, running, finished = launch_costs(rt, wasm, 5 if args.quick else 20)
+        rss = idle_memory(rt, 8 if args.quick else 32)
+        print(f"\nhost call round trip (guest → host → guest, no work): {call * 1e6:.1f} µs")
+        print(f"list element guest → host (list<u8>): {to_host * 1e9:.1f} ns")
+        print(f"list<u32> element guest → host → guest (wait-any): {both * 1e9:.1f} ns")
+        print(f"launch cold (compile {len(wasm) / 2**20:.0f} MB component): {cold:.2f} s; "
+              f"from the disk cache: {disk * 1e3:.1f} ms")  # fmt: skip
+        print(f"launch cached, median: {running * 1e3:.2f} ms to the guest's first host call, "
+              f"{finished * 1e3:.2f} ms to the result of a no-op inferlet")  # fmt: skip
+        print(f"resident memory per idle running inferlet: {rss / 2**20:.2f} MiB")
+    print("inferlet_overhead " + " ".join(overheads))
+
+
+if __name__ == "__main__":
+    main()
