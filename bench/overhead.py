@@ -2,7 +2,8 @@
 
 One process, one engine instance (the embedded SmolLM2 on the CPU), one run. The workload: B
 concurrent requests (B = 1, 8, 32), each a 128-token prompt of English text and exactly 128 new
-greedy tokens (no stop tokens, so every path does the same work), through three paths:
+greedy tokens (no stop tokens, so every path does the same work), through two paths (three
+with `--control`):
 
   engine     `pie.engine.generate.generate` over the B prompts: the engine driven directly by
              the classic loop (prefill, then one batched decode step per token). The peer.
@@ -17,8 +18,10 @@ threads, futures or page bookkeeping, so "inferlet_overhead" charges Pie with ev
 budget per step (`--step-tokens`, generate's default of 2048), so prefill is chunked alike.
 
 Wall time runs from the first request to the last token (inferlet launches included: a server
-pays them). Paths alternate within each repeat and the fastest run of each is kept: other
-tenants of a shared machine only ever slow a run down. Outputs are compared token for token.
+pays them). Each batch size first runs both paths untimed on short prompts (kernels for its
+shapes get built), then the paths take turns `--repeats` times and the fastest run of each is
+kept: other tenants of a shared machine only ever slow a run down (raise it on a busy machine).
+Outputs are compared token for token. `--quick`: 32 new tokens.
 
 Then the costs of the parts: a trivial host call from the guest, one element of a list crossing
 the boundary each way, launching an instance (cold: compile; cached: already compiled), and the
@@ -35,8 +38,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from bench.engine import machine, make_prompts
 from pie.control import ForwardRequest
 from pie.engine.engine import Engine
 from pie.engine.generate import generate
@@ -45,8 +49,6 @@ from pie.runtime.build import build_inferlet, cache_dir
 from pie.runtime.component_cache import ComponentCache
 from pie.runtime.runtime import Runtime
 from pie.runtime.session import QueueSession
-
-from bench.engine import machine, make_prompts
 
 GUEST = '''"""Guest of `python -m bench.overhead` (generated; edit bench/overhead.py)."""
 import asyncio
@@ -177,15 +179,22 @@ def launch_costs(rt: Runtime, wasm: bytes, repeats: int) -> tuple[float, float, 
         start = time.perf_counter()
         again.load(wasm)
         disk = time.perf_counter() - start
-    running, finished = [], []
-    for _ in range(repeats):
-        sent: list[float] = []
-        session = QueueSession(on_text=lambda _id, _text: sent.append(time.perf_counter()))
-        start = time.perf_counter()
-        rt.launch("bench", ["hello"], session=session).wait()
-        finished.append(time.perf_counter() - start)
-        running.append(sent[0] - start)
-    return cold, disk, statistics.median(running), statistics.median(finished)
+    times = [launch_once(rt) for _ in range(repeats)]
+    return (
+        cold,
+        disk,
+        statistics.median(t[0] for t in times),
+        statistics.median(t[1] for t in times),
+    )
+
+
+def launch_once(rt: Runtime) -> tuple[float, float]:
+    """Seconds from `launch` to the guest's first host call, and to its result."""
+    sent: list[float] = []
+    session = QueueSession(on_text=lambda _id, _text: sent.append(time.perf_counter()))
+    start = time.perf_counter()
+    rt.launch("bench", ["hello"], session=session).wait()
+    return sent[0] - start, time.perf_counter() - start
 
 
 def rss_bytes() -> int:
@@ -201,7 +210,7 @@ def idle_memory(rt: Runtime, count: int) -> float:
     before = rss_bytes()
     instances = [rt.launch("bench", ["idle"]) for _ in range(count)]
     deadline = time.monotonic() + 60
-    while len(rt.bus.pullers["never"]) < count and time.monotonic() < deadline:
+    while len(rt.bus.pullers.get("never", ())) < count and time.monotonic() < deadline:
         time.sleep(0.01)
     after = rss_bytes()
     for instance in instances:
@@ -213,11 +222,14 @@ def idle_memory(rt: Runtime, count: int) -> float:
 
 # ---- report ---------------------------------------------------------------------------------------
 def timed(repeats: int, paths: dict[str, Callable[[], Run]]) -> dict[str, Run]:
-    """Each path `repeats` times, alternating; the fastest run of each."""
+    """Each path `repeats` times, in turn (the order reversed every other round, so neither
+    path always runs on a machine the other just warmed); the fastest run of each."""
     runs: dict[str, list[Run]] = {name: [] for name in paths}
+    order = list(paths)
     for _ in range(repeats):
-        for name, path in paths.items():
-            runs[name].append(path())
+        for name in order:
+            runs[name].append(paths[name]())
+        order.reverse()
     return {name: min(found, key=lambda r: r.seconds) for name, found in runs.items()}
 
 
@@ -225,17 +237,49 @@ def pct(ours: float, peer: float) -> str:
     return f"{(ours / peer - 1) * 100:+.1f}%"
 
 
+def report_batch(rt: Runtime, engine: Engine, batch: int, args: argparse.Namespace) -> str:
+    """Times the paths at one batch size, prints a row, returns `bs<B>=<pct>`."""
+    prompts = make_prompts(engine, batch, args.prompt_len)
+    new = args.new_tokens
+    paths = {
+        "engine": lambda: run_engine(engine, prompts, new, args.step_tokens),
+        "inferlets": lambda: run_inferlets(rt, prompts, new),
+    }
+    if args.control:
+        paths["control"] = lambda: run_control(rt, prompts, new)
+    short = make_prompts(engine, batch, 16)  # kernels for this batch's shapes, built untimed
+    run_engine(engine, short, 2, args.step_tokens)
+    run_inferlets(rt, short, 2)
+    before = rt.scheduler.stats
+    best = timed(args.repeats, paths)
+    after = rt.scheduler.stats
+    sequences = after.mean_sequences_per_step * after.steps
+    sequences -= before.mean_sequences_per_step * before.steps
+    per_step = sequences / max(1, after.steps - before.steps)
+    e, i = best["engine"].seconds, best["inferlets"].seconds
+    same = all(run.outputs == best["engine"].outputs for run in best.values())
+    control = "-", "-"
+    if args.control:
+        control = f"{best['control'].seconds:.2f}", pct(best["control"].seconds, e)
+    print(f"{batch:>5} {e:>9.2f} {i:>12.2f} {pct(i, e):>9} {control[0]:>10} {control[1]:>9} "
+          f"{batch * new / i:>7.1f} {per_step:>9.1f}  {'yes' if same else 'NO'}")  # fmt: skip
+    return f"bs{batch}={(i / e - 1) * 100:.1f}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per path and batch")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per path and batch")
+    parser.add_argument(
+        "--control", action="store_true", help="also time the scheduler driven without wasm"
+    )
     parser.add_argument("--step-tokens", type=int, default=2048, help="token budget per step")
-    parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, fewer samples")
     args = parser.parse_args(argv)
     if args.quick:
-        args.new_tokens, args.repeats = 32, 1
+        args.new_tokens = 32
     batches = [int(b) for b in args.batches.split(",")]
 
     engine = Engine.load(None, num_pages=1024)
@@ -253,29 +297,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         warm = make_prompts(engine, 2, 16)
         run_engine(engine, warm, 4, args.step_tokens)
         run_inferlets(rt, warm, 4)
-        print(f"\n{'batch':>5} {'engine s':>9} {'control s':>10} {'inferlets s':>12} "
-              f"{'control':>8} {'inferlets':>10} {'tok/s':>7} {'mean seq/step':>14}  same")  # fmt: skip
+        print(f"\n{'batch':>5} {'engine s':>9} {'inferlets s':>12} {'overhead':>9} "
+              f"{'control s':>10} {'overhead':>9} {'tok/s':>7} {'seq/step':>9}  same")  # fmt: skip
         overheads = []
         for batch in batches:
-            prompts = make_prompts(engine, batch, args.prompt_len)
-            new = args.new_tokens
-            before = rt.scheduler.stats
-            best = timed(
-                args.repeats,
-                {
-                    "engine": lambda: run_engine(engine, prompts, new, args.step_tokens),
-                    "control": lambda: run_control(rt, prompts, new),
-                    "inferlets": lambda: run_inferlets(rt, prompts, new),
-                },
-            )
-            stats = rt.scheduler.stats
-            per_step = (stats.forwards - before.forwards) / max(1, stats.steps - before.steps)
-            e, c, i = (best[k].seconds for k in ("engine", "control", "inferlets"))
-            same = best["inferlets"].outputs == best["engine"].outputs
-            same = same and best["control"].outputs == best["engine"].outputs
-            print(f"{batch:>5} {e:>9.2f} {c:>10.2f} {i:>12.2f} {pct(c, e):>8} {pct(i, e):>10} "
-                  f"{batch * new / i:>7.1f} {per_step:>14.1f}  {'yes' if same else 'NO'}")  # fmt: skip
-            overheads.append(f"bs{batch}={(i / e - 1) * 100:.1f}")
+            overheads.append(report_batch(rt, engine, batch, args))
 
         call = guest_number(rt, "host-calls", "2000" if args.quick else "20000")
         to_host, both = list_costs(rt, args.quick)

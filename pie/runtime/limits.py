@@ -22,5 +22,6 @@ class InstanceLimits:
     # Children alive at once, and the depth of a launch chain (fork bombs stop here).
     max_children: int = 64
     max_depth: int = 4
-    # Largest single message, blob or argument list a guest may hand the host.
+    # Largest single message, blob or argument list a guest may hand the host. (wasmtime's own
+    # per-call copy budget traps a list<u8> past ~2.8 M elements before this check runs.)
     max_message_bytes: int = 16 * 2**20

@@ -135,6 +135,9 @@ def _overrides(modules: dict[str, Any]) -> dict[str, dict[str, Callable[..., Any
             "execute": lambda h, c, a: forward.execute(h, c, call_of(a)),
             "execute-many": execute_many,
             "outputs": lambda h, f: [_output(o, fw) for o in forward.outputs(h, f)],
+            "execute-wait": lambda h, c, a: [
+                _output(o, fw) for o in forward.execute_wait(h, c, call_of(a))
+            ],
         },
         "model": {
             "info": info,

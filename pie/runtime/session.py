@@ -16,9 +16,11 @@ T = TypeVar("T")
 
 
 class _Inbox(Generic[T]):
-    """Values from the client, handed to receivers in order (cancelled receivers skipped)."""
+    """Values from the client, handed to receivers in order; a receiver cancelled by its
+    instance leaves at once (a loop of receive and discard must not grow the session)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock  # the session's, held by the callers of put and get
         self.values: deque[T] = deque()
         self.waiters: deque[cf.Future[T]] = deque()
 
@@ -36,7 +38,14 @@ class _Inbox(Generic[T]):
             future.set_result(self.values.popleft())
         else:
             self.waiters.append(future)
+            future.add_done_callback(self._withdraw)
         return future
+
+    def _withdraw(self, future: cf.Future[T]) -> None:
+        if future.cancelled():  # never under `lock`: put skips cancelled waiters unwoken
+            with self.lock:
+                if future in self.waiters:
+                    self.waiters.remove(future)
 
 
 class QueueSession:
@@ -54,8 +63,8 @@ class QueueSession:
         self._on_first_receive = on_first_receive
         self.sent: list[tuple[int, str]] = []
         self.blobs: list[tuple[int, bytes]] = []
-        self._texts: _Inbox[str] = _Inbox()
-        self._blob_inbox: _Inbox[bytes] = _Inbox()
+        self._texts: _Inbox[str] = _Inbox(self._lock)
+        self._blob_inbox: _Inbox[bytes] = _Inbox(self._lock)
 
     # ---- the instance's side ------------------------------------------------------------------
     def send_text(self, instance_id: int, text: str) -> None:

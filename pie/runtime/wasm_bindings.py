@@ -187,6 +187,12 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
             PLAIN,  # one result per pass: an int lowers as ok, a str as err
         ),
         "outputs": (lambda h, f: [output_to_wasm(o) for o in forward.outputs(h, f)], RESULT),
+        "execute-wait": (
+            lambda h, c, a: [
+                output_to_wasm(o) for o in forward.execute_wait(h, c, forward_call_from_wasm(a))
+            ],
+            RESULT,
+        ),
         "logits-top-k": (forward.logits_top_k, RESULT),
         "logits-values": (forward.logits_values, RESULT),
         "logits-release": (forward.logits_release, RESULT),

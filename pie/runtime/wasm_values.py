@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from wasmtime import _bindings, _ffi
@@ -52,6 +52,9 @@ VAL_SIZE = ctypes.sizeof(VAL)
 PAYLOAD = VAL.of.offset  # where the union starts inside a value
 ENTRY = ffi.wasmtime_component_valrecord_entry_t
 BYTES = ctypes.POINTER(ffi.wasm_byte_t)
+# Lists up to this long are converted element by element through ctypes; numpy views cost
+# more to set up than that many ctypes field accesses (a decode step's lists are 1 long).
+SHORT = 16
 # Elements of one list argument: each costs host time under the GIL, so a longer list is
 # refused before any element is read (the host's own limits are all far below this).
 MAX_LIST = 1 << 24
@@ -63,6 +66,14 @@ class Scalar:
     kind: int  # WASMTIME_COMPONENT_* tag
     python: type | tuple[type, ...]  # what lowering accepts
     dtype: type  # numpy element type of a list of these
+
+    @property
+    def bounds(self) -> tuple[int, int] | None:
+        """The range of an integer type (ctypes would wrap silently), None for the others."""
+        if self.python is not int:
+            return None
+        info = np.iinfo(self.dtype)
+        return int(info.min), int(info.max)
 
 
 SCALARS: dict[type, Scalar] = {
@@ -104,13 +115,17 @@ def _text(vec: Any) -> str:
 
 def _set_text(vec: Any, text: str) -> None:
     """Fills an empty wasm_name_t with a copy of `text` (wasmtime frees it)."""
-    data = text.encode("utf-8")
-    new_bytes(ctypes.byref(vec), len(data), ctypes.cast(data, BYTES))
+    _set_bytes(vec, text.encode("utf-8"))
+
+
+def _set_bytes(vec: Any, data: bytes) -> None:
+    new_bytes(ctypes.byref(vec), len(data), ctypes.cast(ctypes.c_char_p(data), BYTES))
 
 
 def _raw(pointer: Any, nbytes: int) -> Any:
     """A ctypes byte buffer over `nbytes` at `pointer`, for numpy views."""
     address = ctypes.cast(pointer, ctypes.c_void_p).value
+    assert address, "a non-empty value array at address 0"
     return (ctypes.c_char * nbytes).from_address(address)
 
 
@@ -122,9 +137,15 @@ def _strided(raw: Any, n: int, dtype: type, offset: int) -> np.ndarray:
 def _new_values(n: int, make: Callable[[Any, int], None], holder: Any) -> Any:
     """Allocates n values with `make(holder, n)`, all Bool(false): droppable if filling fails."""
     make(ctypes.byref(holder), n)
-    if n:
-        np.frombuffer(_raw(holder.data, n * VAL_SIZE), dtype=np.uint8)[:] = 0
-    return holder.data
+    data = holder.data
+    if n > SHORT:
+        np.frombuffer(_raw(data, n * VAL_SIZE), dtype=np.uint8)[:] = 0
+    else:
+        for i in range(n):
+            item = data[i]
+            item.kind = 0
+            item.of.u64 = 0  # the widest scalar: the boolean byte reads false
+    return data
 
 
 def _boxed(lower: Lower, value: Any) -> Any:
@@ -177,11 +198,15 @@ def _lift_list(element: Any) -> Lift:
         return lift_items
     dtype, as_bytes = scalar.dtype, isinstance(element, wc.U8)
 
+    field = scalar.field
+
     def lift_numbers(c: Any) -> Any:
         n = _size(c)
-        if n == 0:
-            return b"" if as_bytes else []
-        values = _strided(_raw(c.of.list.data, n * VAL_SIZE), n, dtype, PAYLOAD)
+        data = c.of.list.data
+        if n <= SHORT:
+            items = [getattr(data[i].of, field) for i in range(n)]
+            return bytes(items) if as_bytes else items
+        values = _strided(_raw(data, n * VAL_SIZE), n, dtype, PAYLOAD)
         return values.tobytes() if as_bytes else values.tolist()
 
     return lift_numbers
@@ -270,11 +295,13 @@ def lower(ty: Any) -> Lower:
 
 
 def _lower_scalar(scalar: Scalar) -> Lower:
-    field, kind, python = scalar.field, scalar.kind, scalar.python
+    field, kind, python, bounds = scalar.field, scalar.kind, scalar.python, scalar.bounds
 
     def lower_scalar(value: Any, dst: Any) -> None:
         if not isinstance(value, python):
             raise TypeError(f"expected {python}, got {type(value).__name__}")
+        if bounds is not None and not bounds[0] <= cast(int, value) <= bounds[1]:
+            raise OverflowError(f"{value} is outside [{bounds[0]}, {bounds[1]}]")
         setattr(dst.of, field, value)
         dst.kind = kind
 
@@ -296,16 +323,21 @@ def _lower_list(element: Any) -> Lower:
         return lower_items
     dtype, kind = scalar.dtype, scalar.kind
 
+    item = _lower_scalar(scalar)
+
     def lower_numbers(value: Any, dst: Any) -> None:
-        if isinstance(value, (bytes, bytearray)):
-            value = np.frombuffer(value, dtype=np.uint8)
         n = len(value)
         dst.kind = LIST
         data = _new_values(n, new, dst.of.list)
-        if n:
-            raw = _raw(data, n * VAL_SIZE)
-            _strided(raw, n, np.uint8, 0)[:] = kind
-            _strided(raw, n, dtype, PAYLOAD)[:] = value  # numpy refuses out-of-range ints
+        if n <= SHORT:
+            for i, x in enumerate(value):
+                item(x, data[i])
+            return
+        if isinstance(value, (bytes, bytearray)):
+            value = np.frombuffer(value, dtype=np.uint8)
+        raw = _raw(data, n * VAL_SIZE)
+        _strided(raw, n, np.uint8, 0)[:] = kind
+        _strided(raw, n, dtype, PAYLOAD)[:] = value  # numpy refuses out-of-range ints
 
     return lower_numbers
 
@@ -317,9 +349,8 @@ def _lower_record(fields: list[tuple[str, Lower]]) -> Lower:
         new_record(ctypes.byref(record), len(fields))
         entries = record.data
         if fields:  # every name first: the entries are droppable whatever fails next
-            np.frombuffer(
-                _raw(entries, len(fields) * ctypes.sizeof(ENTRY)), dtype=np.uint8
-            )[:] = 0
+            size = len(fields) * ctypes.sizeof(ENTRY)
+            np.frombuffer(_raw(entries, size), dtype=np.uint8)[:] = 0
             for i, (name, _) in enumerate(fields):
                 _set_text(entries[i].name, name)
         for i, (name, field) in enumerate(fields):
@@ -384,10 +415,12 @@ def _lower_variant(ty: Any) -> Lower:
 
         return lower_result
 
+    names = {name: name.encode("utf-8") for name, _ in cases}
+
     def lower_variant(value: Any, dst: Any) -> None:
         name, plan, payload = choose(value)
         boxed = box(plan, payload)
-        _set_text(dst.of.variant.discriminant, name)
+        _set_bytes(dst.of.variant.discriminant, names[name])
         dst.of.variant.val = boxed
         dst.kind = VARIANT
 

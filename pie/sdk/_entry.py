@@ -7,6 +7,7 @@ traceback whose frames name the user's real file.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import traceback
@@ -41,12 +42,16 @@ async def _nothing() -> None:
 
 
 def warm_up() -> None:
-    """Runs the event loop once without a host call.
+    """Runs the event loop once without a host call, then freezes the heap.
 
     Called at build time: what asyncio sets up on first use (its policy, the loop's clock and
-    code paths) then lives in the component's snapshot instead of costing every launch ~2 ms.
+    code paths) then lives in the component's snapshot instead of costing every launch, and
+    `gc.freeze` keeps the collector out of the snapshot's objects, so an instance neither
+    walks nor dirties those pages (they stay shared with the image: faster start, less memory).
     """
     run(_nothing())
+    gc.collect()
+    gc.freeze()
 
 
 def _format_error(error: Exception, module: ModuleType, source: str | None) -> str:

@@ -90,7 +90,8 @@ class Context:
         """Runs `tokens` and returns the requested outputs.
 
         Passes that tasks start in the same event-loop turn go to the host in one call, so
-        forks generating side by side land in the same batch.
+        forks generating side by side land in the same batch. A task with nothing else to wait
+        for runs its pass in one blocking host call instead (no loop turn at all).
         """
         loop = asyncio.get_running_loop()
         if not isinstance(loop, PieEventLoop):
@@ -99,6 +100,8 @@ class Context:
                             attention_mask=attention_mask, logit_mask=logit_mask)
             )  # fmt: skip
         args = _forward_args(tokens, outputs, positions, attention_mask, logit_mask)
+        if loop.alone():
+            return [from_wit(o) for o in call(forward.execute_wait, self.handle, args)]
         done = await loop.queue_forward(self.handle, args)  # sent, run and ready
         return [from_wit(o) for o in call(forward.outputs, done)]
 

@@ -96,6 +96,13 @@ class PieEventLoop(asyncio.BaseEventLoop):
         self._selector.outbox.append((context, args, fut))
         return fut
 
+    def alone(self) -> bool:
+        """Whether nothing but the running task could make progress now: no other callback is
+        ready, no timer is set, no pass is queued and no host future is awaited. The task may
+        then block in the host (one call per forward) without delaying anyone."""
+        selector = self._selector
+        return not (self._ready or self._scheduled or selector.outbox or selector.waiting)  # type: ignore[attr-defined]
+
     def host_future(self, fid: int) -> asyncio.Future[int]:
         """An asyncio future that completes (with `fid`) when host future `fid` is ready."""
         fut: asyncio.Future[int] = self.create_future()

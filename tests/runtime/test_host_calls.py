@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,57 @@ def test_a_host_fault_ends_only_the_calling_instance(
             [b + OFFSET for b in b"ok"], 60
         )
     assert _enter.LAST_EXCEPTION is None
+
+
+def _beside_a_generation(rt: Runtime, args: list[str]) -> str:
+    """Runs probe `args` while another probe generates; that one must finish untouched."""
+    bystander = rt.launch("probe", ["generate", "60", "bystander"])
+    result = rt.launch("probe", args).wait(60)
+    assert json.loads(bystander.wait(60)) == reference_generation(_tokens("bystander"), 60)
+    return result
+
+
+def _tokens(text: str) -> list[int]:
+    return [b + OFFSET for b in text.encode()]
+
+
+def test_freed_handles_and_double_frees_are_errors(runtime: Runtime) -> None:
+    errors = json.loads(_beside_a_generation(runtime, ["freed"]))
+    assert all(errors.values()), {k: v for k, v in errors.items() if not v}
+    for name in ("outputs-twice", "discard-twice", "wait-on-freed", "release-twice"):
+        assert "not open in this inferlet" in errors[name], name
+    for name in ("logits-after-release", "decoder-after-finish", "finish-twice"):
+        assert "not open in this inferlet" in errors[name], name
+    for name in ("next-after-unsubscribe", "unsubscribe-twice", "forward-on-closed"):
+        assert "not open in this inferlet" in errors[name], name
+    assert "not a child" in errors["cancel-a-forward"]
+
+
+def test_malformed_and_oversized_arguments_are_errors(runtime: Runtime) -> None:
+    errors = json.loads(_beside_a_generation(runtime, ["malformed"]))
+    assert errors.pop("repeated-ids-ready") == 65536  # one id repeated: one lookup, not 65536
+    assert all(errors.values()), {k: v for k, v in errors.items() if not v}
+    assert "at most 65536" in errors["wait-any-over-limit"]
+    assert "encode at most" in errors["encode-over-limit"]
+    for name in ("push-over-limit", "send-over-limit"):
+        assert "the limit is 16777216" in errors[name], name
+    assert "bans every token" in errors["logit-mask-bans-all"]
+    assert "outside the 1 new tokens" in errors["output-past-tokens"]
+    assert "topics are 1 to 256 characters" in errors["empty-topic"]
+
+
+def test_another_instances_export_is_not_ours_to_change(runtime: Runtime) -> None:
+    holder = runtime.launch("probe", ["export-hold", "shared"])
+    deadline = time.monotonic() + 30
+    while "shared" not in runtime.exports.list() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out = json.loads(runtime.run("probe", ["foreign-export", "shared"]))
+    assert all(out["errors"].values()), out["errors"]
+    prefix = _tokens("shared prefix text")
+    assert out["tokens"] == reference_generation(prefix + _tokens("zz"), 4)
+    # The writes on top copied the shared last page: a later reader sees the prefix intact.
+    later = json.loads(runtime.run("probe", ["continue-export", "shared"]))
+    assert later == reference_generation(prefix + _tokens("!"), 4)
+    holder.cancel("test over")
+    with pytest.raises(InstanceFailed, match="test over"):
+        holder.wait(10)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from pie.runtime.errors import InstanceFailed
 from pie.runtime.limits import InstanceLimits
 from pie.runtime.runtime import Runtime
-from tests.runtime.fakes import OFFSET, reference_generation
+from pie.runtime.session import QueueSession
+from tests.runtime.conftest import assert_pool_whole
+from tests.runtime.fakes import OFFSET, FakeEngine, reference_generation
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +78,54 @@ def test_kv_quota_is_a_catchable_error(runtime: Runtime) -> None:
     )
     with pytest.raises(InstanceFailed, match="quota"):
         instance.wait(10)
+
+
+def test_a_blob_past_wasmtimes_copy_limit_ends_only_its_instance(runtime: Runtime) -> None:
+    # wasmtime refuses to copy more than its host-call budget (a list<u8> of ~2.8 M elements)
+    error, _ = _failure(runtime, ["blob", str(8 * 2**20)])
+    assert "too much data" in error
+
+
+def test_a_message_flood_stops_at_the_bus_budget(runtime: Runtime) -> None:
+    runtime.bus.max_bytes = 2**20
+    sent, error = json.loads(runtime.run("probe", ["bus-flood", str(2**16)]))
+    assert sent == 16 and "unread messages" in error
+    assert runtime.bus.held == 2**20
+    for _ in range(16):
+        runtime.bus.pull("flood").result(0)
+    assert runtime.bus.held == 0 and runtime.bus.queues == {}
+
+
+def test_waits_withdrawn_on_ever_new_topics_leave_nothing_behind(runtime: Runtime) -> None:
+    session = QueueSession()
+    assert runtime.run("probe", ["churn", "2000"], session=session) == "churned"
+    assert (runtime.bus.queues, runtime.bus.pullers, runtime.bus.subscribers) == ({}, {}, {})
+    assert not session._texts.waiters
+
+
+def test_handles_never_dropped_are_released_when_it_ends(runtime: Runtime) -> None:
+    session = QueueSession()
+    assert runtime.run("probe", ["leak"], session=session) == "left everything open"
+    assert runtime.bus.subscribers == {} and runtime.bus.pullers == {}
+    assert not session._texts.waiters
+    assert runtime.scheduler.stats.queue_depth == 0
+    assert runtime.pool.free_count == runtime.pool.num_pages
+
+
+def test_a_wide_fork_bomb_fills_the_runtime_and_is_reaped(
+    pie_cache: Path, probe_wasm: Path
+) -> None:
+    limits = InstanceLimits(cpu_seconds=10.0, wall_seconds=60.0)
+    with Runtime(FakeEngine(), limits=limits, cache=pie_cache, max_instances=6) as rt:  # type: ignore[arg-type]
+        rt.add_component(probe_wasm, name="probe")
+        bystander = rt.launch("probe", ["generate", "120", "still here"])
+        made, error = json.loads(rt.run("probe", ["wide-bomb", "root"]))
+        assert "inferlets are running" in error or "depth limit" in error
+        assert made <= 4  # six slots: the bystander, the root and at most four copies
+        tokens = json.loads(bystander.wait(30))
+        assert tokens == reference_generation([b + OFFSET for b in b"still here"], 120)
+        deadline = time.monotonic() + 20
+        while rt.instances() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rt.instances() == []  # the root's end cancelled every copy, transitively
+    assert_pool_whole(rt)

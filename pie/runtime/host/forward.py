@@ -61,8 +61,14 @@ def request(host: InstanceHost, handle: int, call: ForwardCall) -> Any:
     n = len(call.tokens)
     if not 1 <= n <= engine.max_position:
         raise HostError(f"a forward takes 1 to {engine.max_position} tokens, got {n}")
-    if call.positions is not None and len(call.positions) != n:
-        raise HostError(f"{n} tokens but {len(call.positions)} positions")
+    if call.positions is not None:
+        if len(call.positions) != n:
+            raise HostError(f"{n} tokens but {len(call.positions)} positions")
+        if max(call.positions) >= engine.max_position:
+            raise HostError(
+                f"position {max(call.positions)} is past the model's context "
+                f"({engine.max_position} positions)"
+            )
     if len(call.outputs) > n * 4:
         raise HostError(f"{len(call.outputs)} outputs for {n} tokens; at most {n * 4}")
     total = int(ctx.length) + n
@@ -79,6 +85,8 @@ def request(host: InstanceHost, handle: int, call: ForwardCall) -> Any:
     logit_mask = None
     if call.logit_mask is not None:
         logit_mask = decode_runs(call.logit_mask, int(engine.vocab_size), "logit mask")  # [vocab]
+        if not logit_mask.any():  # no token could be sampled: refuse before it reaches a batch
+            raise HostError("the logit mask bans every token; allow at least one")
     return ForwardRequest(
         context=ctx,
         tokens=list(call.tokens),
@@ -119,9 +127,24 @@ def execute_many(host: InstanceHost, passes: list[tuple[int, ForwardCall]]) -> l
     submitted = host.services.scheduler.submit_many(requests)
     for i, result in enumerate(results):
         if isinstance(result, int):
-            req = requests[result]
-            results[i] = futures.add(host, "forward", submitted[result], req.context)
+            future = submitted[result]
+            refused = future.exception() if future.done() else None
+            if refused is not None:  # rejected at admission: say so now, not at take time
+                results[i] = str(refused) or type(refused).__name__
+            else:
+                results[i] = futures.add(host, "forward", future, requests[result].context)
     return results
+
+
+def execute_wait(
+    host: InstanceHost, handle: int, call: ForwardCall
+) -> list[SampleResult | LogitsRef]:
+    """`execute`, a wait for that pass alone, then its `outputs`: one host call per step."""
+    fid = execute(host, handle, call)
+    pending = host.handles.get(futures.KIND, fid).future
+    while not pending.done():
+        host.wait([pending], None)  # wakes early only to trap a stopped instance
+    return outputs(host, fid)
 
 
 def outputs(host: InstanceHost, handle: int) -> list[SampleResult | LogitsRef]:

@@ -15,13 +15,20 @@ def wait_any(host: InstanceHost, handles: list[int], timeout_ms: int | None) -> 
     """Positions in `handles` of the ready futures, after waiting for at least one (or timeout)."""
     if len(handles) > MAX_WAIT:
         raise HostError(f"wait-any over {len(handles)} futures; at most {MAX_WAIT} at once")
-    entries = [host.handles.get(futures.KIND, h) for h in handles]
-    ready = [i for i, e in enumerate(entries) if e.future.done()]
+    # Each distinct id is looked up once: a list repeating one id costs what the list costs.
+    entries = {h: host.handles.get(futures.KIND, h) for h in dict.fromkeys(handles)}
+    ready = _ready(handles, entries)
     if ready or timeout_ms == 0:
         host.check_alive()
         return ready
-    host.wait([e.future for e in entries], None if timeout_ms is None else timeout_ms / 1000)
-    return [i for i, e in enumerate(entries) if e.future.done()]
+    waits = [e.future for e in entries.values()]
+    host.wait(waits, None if timeout_ms is None else timeout_ms / 1000)
+    return _ready(handles, entries)
+
+
+def _ready(handles: list[int], entries: dict[int, futures.HostFuture]) -> list[int]:
+    done = {h for h, e in entries.items() if e.future.done()}
+    return [i for i, h in enumerate(handles) if h in done]
 
 
 def is_ready(host: InstanceHost, handle: int) -> bool:

@@ -4,7 +4,18 @@ import asyncio
 import json
 import sys
 
-from pie.sdk import Context, Model, PieError, Subscription, launch, pull, push, send
+from pie.sdk import (
+    Context,
+    Greedy,
+    Model,
+    PieError,
+    RawLogits,
+    Subscription,
+    launch,
+    pull,
+    push,
+    send,
+)
 from pie.sdk import _wit as wit
 
 
@@ -58,25 +69,8 @@ def open_socket() -> str:
     return "connected"
 
 
-def abuse() -> str:
-    """Each misuse must come back as an error the inferlet can catch."""
-    ctx = Context()
-    model = Model.default()
-    calls = {
-        "foreign-context": lambda: wit.kv.length(123456),
-        "model-as-context": lambda: wit.kv.length(model.handle),
-        "bad-model": lambda: wit.kv.create(99999),
-        "future-not-ready-or-unknown": lambda: wit.forward.outputs(4242),
-        "token-out-of-vocab": lambda: wit.model.decode(model.handle, [10**9]),
-        "mask-bad-runs": lambda: ctx.submit([5, 6], [], attention_mask=[[1], [2]]),
-        "logit-mask-bad": lambda: ctx.submit([5], [], logit_mask=[3]),
-        "no-tokens": lambda: ctx.submit([], []),
-        "huge-forward": lambda: ctx.submit([5] * 100_000, []),
-        "unknown-program": lambda: wit.runtime.launch("no-such-program", []),
-        "unknown-export": lambda: wit.kv.import_context(model.handle, "nope"),
-        "truncate-past-end": lambda: wit.kv.truncate(ctx.handle, 10**6),
-        "take-text-of-context": lambda: wit.poll.take_text(ctx.handle),
-    }
+def _errors(calls: dict) -> str:
+    """Runs each misuse; its error text, or None where it wrongly succeeded."""
     errors = {}
     for name, fn in calls.items():
         try:
@@ -87,6 +81,180 @@ def abuse() -> str:
         except PieError as e:
             errors[name] = str(e)
     return json.dumps(errors)
+
+
+def abuse() -> str:
+    """Each misuse must come back as an error the inferlet can catch."""
+    ctx = Context()
+    model = Model.default()
+    return _errors(
+        {
+            "foreign-context": lambda: wit.kv.length(123456),
+            "model-as-context": lambda: wit.kv.length(model.handle),
+            "bad-model": lambda: wit.kv.create(99999),
+            "future-not-ready-or-unknown": lambda: wit.forward.outputs(4242),
+            "token-out-of-vocab": lambda: wit.model.decode(model.handle, [10**9]),
+            "mask-bad-runs": lambda: ctx.submit([5, 6], [], attention_mask=[[1], [2]]),
+            "logit-mask-bad": lambda: ctx.submit([5], [], logit_mask=[3]),
+            "no-tokens": lambda: ctx.submit([], []),
+            "huge-forward": lambda: ctx.submit([5] * 100_000, []),
+            "unknown-program": lambda: wit.runtime.launch("no-such-program", []),
+            "unknown-export": lambda: wit.kv.import_context(model.handle, "nope"),
+            "truncate-past-end": lambda: wit.kv.truncate(ctx.handle, 10**6),
+            "take-text-of-context": lambda: wit.poll.take_text(ctx.handle),
+        }
+    )
+
+
+async def freed() -> str:
+    """Handles used after they were freed, and freed twice."""
+    model = Model.default()
+    ctx = Context()
+    taken = ctx.submit([5], [(0, Greedy())])
+    await Context.result(taken)  # taking the outputs frees the future
+    dropped = ctx.submit([6], [])
+    wit.poll.discard(dropped)
+    (logits,) = await ctx.forward([7], [(0, RawLogits())])
+    logits.release()
+    decoder = wit.model.decoder_new(model.handle)
+    wit.model.decoder_finish(decoder)
+    sub = wit.messaging.subscribe("freed")
+    wit.messaging.unsubscribe(sub)
+    closed = Context()
+    closed_id = closed.handle
+    closed.close()
+    one_token = wit.forward.ForwardArgs([5], None, None, None, [])
+    return _errors(
+        {
+            "outputs-twice": lambda: wit.forward.outputs(taken),
+            "discard-twice": lambda: wit.poll.discard(dropped),
+            "wait-on-freed": lambda: wit.poll.wait_any([dropped], 0),
+            "logits-after-release": lambda: wit.forward.logits_top_k(logits.handle, 3),
+            "release-twice": lambda: wit.forward.logits_release(logits.handle),
+            "decoder-after-finish": lambda: wit.model.decoder_push(decoder, [5]),
+            "finish-twice": lambda: wit.model.decoder_finish(decoder),
+            "next-after-unsubscribe": lambda: wit.messaging.next(sub),
+            "unsubscribe-twice": lambda: wit.messaging.unsubscribe(sub),
+            "forward-on-closed": lambda: wit.forward.execute(closed_id, one_token),
+            "fork-closed": lambda: wit.kv.fork(closed_id),
+            "cancel-a-forward": lambda: wit.runtime.cancel(ctx.submit([8], [])),
+        }
+    )
+
+
+def malformed() -> str:
+    """Arguments past every limit, or shaped wrongly."""
+    model = Model.default()
+    ctx = Context()
+    vocab = wit.model.info(model.handle).vocab_size
+    ready = ctx.submit([5], [])
+    wit.poll.wait_any([ready], None)
+    big = "a" * (16 * 2**20 + 1)
+    errors = json.loads(
+        _errors(
+            {
+                "wait-any-over-limit": lambda: wit.poll.wait_any([ready] * 65537, 0),
+                "encode-over-limit": lambda: wit.model.encode(model.handle, big),
+                "push-over-limit": lambda: wit.messaging.push("big", big),
+                "send-over-limit": lambda: wit.session.send(big),
+                "position-past-model": lambda: ctx.submit([5], [], positions=[10**9]),
+                "output-past-tokens": lambda: ctx.submit([5], [(3, Greedy())]),
+                "logit-mask-bans-all": lambda: ctx.submit([5], [(0, Greedy())], logit_mask=[vocab]),
+                "reserve-the-world": lambda: wit.kv.reserve(ctx.handle, 2**32 - 1),
+                "mask-backwards": lambda: wit.kv.mask(ctx.handle, 1, 0, True),
+                "empty-topic": lambda: wit.messaging.push("", "x"),
+            }
+        )
+    )
+    # One ready id repeated up to the limit is fine, and cheap.
+    errors["repeated-ids-ready"] = len(wit.poll.wait_any([ready] * 65536, 0))
+    return json.dumps(errors)
+
+
+async def export_hold(name: str) -> str:
+    ctx = Context()
+    ctx.fill("shared prefix text")
+    ctx.export(name)
+    await pull("never")  # holds the export's owner alive until cancelled
+    return "unreachable"
+
+
+async def foreign_export(name: str) -> str:
+    """Another instance's export: not ours to withdraw or replace; ours to build on."""
+    errors = json.loads(
+        _errors(
+            {
+                "unexport-foreign": lambda: Context.unexport(name),
+                "export-taken-name": lambda: Context().export(name),
+            }
+        )
+    )
+    on_top = Context.import_(name)
+    on_top.fill("zz")  # writes past the shared prefix: the shared pages must not change
+    return json.dumps({"errors": errors, "tokens": await on_top.generate_tokens(4, stop_tokens=())})
+
+
+async def continue_export(name: str) -> str:
+    ctx = Context.import_(name)
+    ctx.fill("!")
+    return json.dumps(await ctx.generate_tokens(4, stop_tokens=()))
+
+
+def bus_flood(size: str) -> str:
+    chunk = "m" * int(size)
+    sent = 0
+    try:
+        while True:
+            push("flood", chunk)
+            sent += 1
+    except PieError as e:
+        return json.dumps([sent, str(e)])
+
+
+def churn(n: str) -> str:
+    """Waits started and withdrawn on ever new topics: must not grow the host."""
+    for i in range(int(n)):
+        wit.poll.discard(wit.messaging.pull(f"queue-{i}"))
+        wit.messaging.unsubscribe(wit.messaging.subscribe(f"topic-{i}"))
+        wit.poll.discard(wit.session.receive())
+    return "churned"
+
+
+async def leak() -> str:
+    """Opens one of everything and ends without closing any of it."""
+    model = Model.default()
+    ctx = Context()
+    ctx.fill("abcdefgh")
+    await ctx.flush()
+    forks = [ctx.fork() for _ in range(3)]
+    await ctx.forward([5], [(0, RawLogits())])  # a logits row, never released
+    wit.model.decoder_new(model.handle)
+    wit.messaging.subscribe("leak")
+    wit.messaging.pull("leak-queue")
+    wit.session.receive()
+    for fork in forks:
+        fork.submit([6], [(0, Greedy())])  # forwards in flight, never taken
+    return "left everything open"
+
+
+async def wide_bomb(role: str) -> str:
+    """Launches copies of itself until refused; copies then hold their slot."""
+    made = 0
+    try:
+        while True:
+            launch(["wide-bomb", "child"])
+            made += 1
+    except PieError as e:
+        error = str(e)
+    if role == "root":
+        return json.dumps([made, error])
+    await pull("never")
+    return "unreachable"
+
+
+def blob(n: str) -> str:
+    wit.session.send_blob(bytes(int(n)))
+    return "sent"
 
 
 def double_close() -> str:
@@ -181,6 +349,16 @@ async def main(args: list[str]) -> str:
         "open": open_file,
         "socket": open_socket,
         "abuse": abuse,
+        "freed": freed,
+        "malformed": malformed,
+        "export-hold": export_hold,
+        "foreign-export": foreign_export,
+        "continue-export": continue_export,
+        "bus-flood": bus_flood,
+        "churn": churn,
+        "leak": leak,
+        "wide-bomb": wide_bomb,
+        "blob": blob,
         "double-close": double_close,
         "handle-flood": handle_flood,
         "fork-bomb": fork_bomb,
