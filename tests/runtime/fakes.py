@@ -41,7 +41,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [b + OFFSET for b in text.encode()]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", "replace")
 
     def id_to_token(self, i: int) -> str | None:

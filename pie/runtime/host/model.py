@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pie.engine.tokenizer import StreamDecoder
 from pie.runtime.errors import HostError
 from pie.runtime.host.state import InstanceHost
 
@@ -96,39 +97,9 @@ def chat_template(
         raise HostError(f"chat template failed: {error}") from None
 
 
-class IncrementalDecoder:
-    """Text of a growing token list, emitted once complete (no half UTF-8 characters).
-
-    Decodes only a window (the tokens of the previous emission and those since, as vLLM's
-    incremental detokenizer does), so each push costs O(window), not O(length).
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.prefix = 0  # start of the decode window
-        self.read = 0  # tokens up to here have been emitted
-
-    def push(self, tokens: list[int]) -> str:
-        self.tokens += tokens
-        done = str(self.tokenizer.decode(self.tokens[self.prefix : self.read]))
-        text = str(self.tokenizer.decode(self.tokens[self.prefix :]))
-        if text.endswith("\ufffd") or len(text) <= len(done):
-            return ""  # a character is still incomplete: wait for more tokens
-        self.prefix = self.read
-        self.read = len(self.tokens)
-        return text[len(done) :]
-
-    def finish(self) -> str:
-        done = str(self.tokenizer.decode(self.tokens[self.prefix : self.read]))
-        text = str(self.tokenizer.decode(self.tokens[self.prefix :]))
-        self.read = len(self.tokens)
-        return text[len(done) :]
-
-
 def decoder_new(host: InstanceHost, handle: int) -> int:
     e = _engine(host, handle)
-    return host.handles.add(DECODER, (e, IncrementalDecoder(e.tokenizer)))
+    return host.handles.add(DECODER, (e, StreamDecoder(e.tokenizer)))
 
 
 def decoder_push(host: InstanceHost, handle: int, tokens: list[int]) -> str:
@@ -139,4 +110,4 @@ def decoder_push(host: InstanceHost, handle: int, tokens: list[int]) -> str:
 
 def decoder_finish(host: InstanceHost, handle: int) -> str:
     _, decoder = host.handles.pop(DECODER, handle)
-    return decoder.finish()
+    return decoder.flush()
