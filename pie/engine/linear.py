@@ -59,7 +59,14 @@ class Linear:
         self.weight: torch.Tensor | None = weight
         self.gated = gated
         self.gemv: cpu_kernels.PackedGemv | None = None  # packed for `swiglu` when gated
-        if weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+        self.weight_t: torch.Tensor | None = None  # [in, out] contiguous, CPU float32
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+            # Few-row float32 GEMMs stream an [in, out] matrix much faster than torch's
+            # [out, in] one on AVX2 CPUs (measured: the 113 MB LM head 13.7 -> 6.5 ms at one
+            # row; SmolLM2 decode 104 -> 70 ms/token). `weight` stays a view of the same memory.
+            self.weight_t = weight.t().contiguous()
+            self.weight = self.weight_t.t()
+        elif weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
             lib = cpu_kernels.load()
             if lib is not None and not (gated and (bias is not None or self.out_features % 2)):
                 self.gemv = cpu_kernels.PackedGemv(lib, weight, bias, gated, arena)
@@ -71,6 +78,10 @@ class Linear:
                     self.packed = None
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is not None:
+            if self.bias is None:
+                return torch.mm(x, self.weight_t)
+            return torch.addmm(self.bias, x, self.weight_t)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         assert self.weight is not None

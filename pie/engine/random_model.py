@@ -214,7 +214,7 @@ def weights_of(model: LlamaModel) -> dict[str, torch.Tensor]:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     lm_head = _matrix(model.lm_head)
     out = {"embed": model.embed, "final_norm": model.final_norm}
-    if lm_head.data_ptr() != model.embed.data_ptr():
+    if not cfg.tie_word_embeddings:  # tied: the LM head is the embedding (or its copy)
         out["lm_head"] = lm_head
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}."
