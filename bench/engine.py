@@ -161,14 +161,15 @@ def load_hf() -> Any:
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
-    """Mean length of the common greedy prefix, as a fraction of the tokens generated."""
+    """Mean length of the common greedy prefix, as a fraction of our tokens generated (over the
+    sequences `theirs` covers: a peer that timed out may have finished fewer)."""
     total = 0
-    for a, b in zip(ours, theirs, strict=True):
+    for a, b in zip(ours, theirs, strict=False):
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
         total += n
-    return total / sum(len(a) for a in ours)
+    return total / max(1, sum(len(a) for a in ours[: len(theirs)]))
 
 
 def machine() -> str:

@@ -50,6 +50,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from bench.engine import agreement
+
 GREEDY_PAGE = 16
 
 
@@ -293,17 +295,6 @@ def run_inferlet(
         seconds = time.perf_counter() - start
         rt.pool.check_integrity()
     return Run(seconds, outputs), mode
-
-
-def agreement(ours: list[list[int]], theirs: list[list[int]]) -> float:
-    """Mean common greedy prefix as a fraction of our tokens (bf16 noise splits ties late)."""
-    same = 0
-    for a, b in zip(ours, theirs, strict=False):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        same += n
-    return same / max(1, sum(len(a) for a in ours[: len(theirs)]))
 
 
 # ---- report --------------------------------------------------------------------------------------
