@@ -18,13 +18,14 @@ head rows in [B, KH, L] order gives K/V already laid out per head, contiguous, i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pie.engine import cpu_kernels
+from pie.engine import cpu_kernels, cpu_kernels_f32
 from pie.engine.request import ForwardBatch
 
 # Decode reads are padded (masked) to a multiple of this many slots: oneDNN builds a kernel for
@@ -173,9 +174,7 @@ class TorchAttention:
             g = groups[0]
             mask = None if g.mask is None else g.mask.view(g.batch, g.kv_len)
             new = (k, v, meta.slot_rows)
-            return cpu_kernels.decode_attention(
-                q, k_flat, v_flat, g.kv_rows, g.kv_lens, mask, scale, new
-            )
+            return _decode_kernel(q)(q, k_flat, v_flat, g.kv_rows, g.kv_lens, mask, scale, new)
         k_flat.index_copy_(0, meta.slot_rows, k if k.dtype == k_flat.dtype else k.to(k_flat.dtype))
         v_flat.index_copy_(0, meta.slot_rows, v if v.dtype == v_flat.dtype else v.to(v_flat.dtype))
         k_heads = k_cache.view(-1, dim)  # [P * page_size * KH, D]
@@ -193,12 +192,21 @@ class TorchAttention:
 def _use_decode_kernel(
     q: torch.Tensor, cache: torch.Tensor, v: torch.Tensor, kv_heads: int, dim: int
 ) -> bool:
-    """bf16 on CPU with the kernel library: cpu_kernels.decode_attention can run this layer."""
-    return (
-        q.device.type == "cpu"
-        and q.dtype == cache.dtype == v.dtype == torch.bfloat16
-        and cpu_kernels.decode_attention_supported(q.shape[1], kv_heads, dim)
+    """CPU bf16 or float32 with its kernel library: a C decode attention can run this layer."""
+    if q.device.type != "cpu" or not q.dtype == cache.dtype == v.dtype:
+        return False
+    if q.dtype == torch.float32:
+        return cpu_kernels_f32.decode_attention_supported(q.shape[1], kv_heads, dim)
+    return q.dtype == torch.bfloat16 and cpu_kernels.decode_attention_supported(
+        q.shape[1], kv_heads, dim
     )
+
+
+def _decode_kernel(q: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The decode attention kernel for q's dtype (see _use_decode_kernel)."""
+    if q.dtype == torch.float32:
+        return cpu_kernels_f32.decode_attention
+    return cpu_kernels.decode_attention
 
 
 def _gather(
@@ -230,7 +238,7 @@ def _attend(
     heads, dim = q.shape[1], q.shape[2]
     if g.q_max == 1 and _use_decode_kernel(q, k_heads, q, kv_heads, dim):
         mask = None if g.mask is None else g.mask.view(g.batch, g.kv_len)
-        return cpu_kernels.decode_attention(
+        return _decode_kernel(q)(
             q,
             k_heads.view(-1, kv_heads, dim),
             v_heads.view(-1, kv_heads, dim),

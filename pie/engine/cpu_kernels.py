@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +91,17 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCE once per (source, compiler, flags); ~0.5 s, then a cache hit."""
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *_FLAGS]).encode()).hexdigest()[:16]
+def build(compiler: str, source: str = SOURCE, flags: Sequence[str] = tuple(_FLAGS)) -> Path:
+    """Compile `source` once per (source, compiler, flags); ~0.5 s, then a cache hit."""
+    key = hashlib.sha256("\0".join([source, compiler, *flags]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu-kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
-        src.write_text(SOURCE)
-        cmd = [compiler, *_FLAGS, str(src), "-o", str(out), "-lm"]
+        src.write_text(source)
+        cmd = [compiler, *flags, str(src), "-o", str(out), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(out, target)  # atomic: a concurrent builder sees a whole file or none
     return target
@@ -115,7 +116,7 @@ def load() -> ctypes.CDLL | None:
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(build(compiler)))
     except (OSError, subprocess.SubprocessError):
         return None
     for name, argtypes in _SIGNATURES.items():
@@ -159,26 +160,24 @@ class HugePageArena:
         except (OSError, AttributeError):
             self._madvise = None
 
-    def take(self, numel: int) -> torch.Tensor:
-        """A fresh, uninitialized bf16 buffer of `numel` elements, 64-byte aligned."""
-        numel = -(-numel // 32) * 32
-        if self._chunk is None or self._at + numel > self._chunk.numel():
-            self._chunk = self._new_chunk(max(numel, self._CHUNK // 2))
+    def take(self, numel: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """A fresh, uninitialized buffer of `numel` elements of `dtype`, 64-byte aligned."""
+        nbytes = -(-numel * dtype.itemsize // 64) * 64
+        if self._chunk is None or self._at + nbytes > self._chunk.numel():
+            self._chunk = self._new_chunk(max(nbytes, self._CHUNK))
             self._at = 0
-        out = self._chunk[self._at : self._at + numel]
-        self._at += numel
-        return out
+        out = self._chunk[self._at : self._at + nbytes]
+        self._at += nbytes
+        return out.view(dtype)[:numel]
 
-    def _new_chunk(self, numel: int) -> torch.Tensor:
+    def _new_chunk(self, nbytes: int) -> torch.Tensor:
         # torch.empty this large is a fresh, untouched mmap: advise it before the first write.
-        raw = torch.empty(numel + self._HUGE // 2, dtype=torch.bfloat16)
-        start = (-raw.data_ptr() % self._HUGE) // 2  # elements up to a 2 MiB boundary
+        raw = torch.empty(nbytes + self._HUGE, dtype=torch.uint8)
+        start = -raw.data_ptr() % self._HUGE  # bytes up to a 2 MiB boundary
         if self._madvise is not None:
             madv_hugepage = 14
-            self._madvise(
-                raw.data_ptr() + start * 2, (numel * 2 + 4095) // 4096 * 4096, madv_hugepage
-            )
-        return raw[start : start + numel]
+            self._madvise(raw.data_ptr() + start, (nbytes + 4095) // 4096 * 4096, madv_hugepage)
+        return raw[start : start + nbytes]
 
 
 def _packed_numel(n: int, k: int) -> int:

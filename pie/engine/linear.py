@@ -3,7 +3,8 @@
 CPU, bfloat16: up to GEMV_MAX_ROWS rows (decode of up to 64 sequences) run the kernel of
 pie.engine.cpu_kernels, which also folds in the RMSNorm before and the residual add or SwiGLU
 after; more rows (prefill) run oneDNN's prepacked weights, ~1.4x faster than `F.linear` there.
-Elsewhere, and wherever the kernels are missing, torch ops with the same meaning: the fused
+CPU, float32 (x86-64 with AVX2): every row count runs pie.engine.cpu_kernels_f32's packed GEMM
+with the same fusions; the packed copy is the only copy of the weight. Elsewhere, and wherever the kernels are missing, torch ops with the same meaning: the fused
 entry points (`norm=`, `residual=`, `swiglu`) give the same results on every path.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pie.engine import cpu_kernels
+from pie.engine import cpu_kernels, cpu_kernels_f32
 
 # Rows up to which the fused kernel beats oneDNN (measured on 2-core AVX512-BF16 machines,
 # plain matmuls over SmolLM2's weights: 1.25x at 1 row, 1.15x at 32, 1.1x at 64; the fusions
@@ -60,7 +61,14 @@ class Linear:
         self.gated = gated
         self.gemv: cpu_kernels.PackedGemv | None = None  # packed for `swiglu` when gated
         self.weight_t: torch.Tensor | None = None  # [in, out] contiguous, CPU float32
-        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        self.f32: cpu_kernels_f32.PackedF32Gemm | None = None  # CPU float32 with AVX2
+        cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        f32_lib = cpu_kernels_f32.load() if cpu_f32 else None
+        if f32_lib is not None and not (gated and (bias is not None or self.out_features % 2)):
+            self.f32 = cpu_kernels_f32.PackedF32Gemm(f32_lib, weight, bias, gated, arena)
+            self.weight = None  # the packed copy replaces it (`unpacked` rebuilds it)
+            self.bias = self.f32.bias
+        elif cpu_f32:
             # Few-row float32 GEMMs stream an [in, out] matrix much faster than torch's
             # [out, in] one on AVX2 CPUs (measured: the 113 MB LM head 13.7 -> 6.5 ms at one
             # row; SmolLM2 decode 104 -> 70 ms/token). `weight` stays a view of the same memory.
@@ -77,7 +85,15 @@ class Linear:
                 except RuntimeError:  # oneDNN without bf16 support on this CPU: F.linear
                     self.packed = None
 
+    def unpacked(self) -> torch.Tensor | None:
+        """The weight [out, in] as given, or None where only a bf16 kernel's packing holds it."""
+        if self.f32 is not None:
+            return self.f32.unpack()
+        return self.weight
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.f32 is not None:
+            return self.f32(x, cpu_kernels_f32.MODE_PLAIN)
         if self.weight_t is not None:
             if self.bias is None:
                 return torch.mm(x, self.weight_t)
@@ -95,6 +111,10 @@ class Linear:
         eps: float = 0.0,
         residual: torch.Tensor | None = None,  # [T, out]: return residual + x @ W.T
     ) -> torch.Tensor:  # [T, out]
+        f32 = self.f32
+        if f32 is not None and not self.gated and x.dtype == torch.float32:
+            mode = cpu_kernels_f32.MODE_PLAIN if residual is None else cpu_kernels_f32.MODE_ADD
+            return f32(x, mode, norm, eps, residual)
         gemv = self.gemv
         if (
             gemv is not None
@@ -110,6 +130,9 @@ class Linear:
     def swiglu(
         self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0
     ) -> torch.Tensor:  # [T, out / 2]: silu(gate) * up of this [gate; up] matrix
+        f32 = self.f32
+        if f32 is not None and self.gated and x.dtype == torch.float32:
+            return f32(x, cpu_kernels_f32.MODE_SWIGLU, norm, eps)
         gemv = self.gemv
         if (
             gemv is not None

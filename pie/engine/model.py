@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from pie.engine import cpu_kernels
+from pie.engine import cpu_kernels, cpu_kernels_f32
 from pie.engine.config import ModelConfig
 from pie.engine.linear import Linear, rms_norm
 
@@ -105,6 +105,26 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def _rope_kernel_takes(x: torch.Tensor, dim: int) -> bool:
+    """Whether a CPU kernel rotates activations like x (head size dim) here."""
+    if x.dtype == torch.float32:
+        return dim % 16 == 0 and cpu_kernels_f32.usable(x) is not None
+    return dim % 32 == 0 and cpu_kernels.usable(x) is not None
+
+
+def _rope_kernel(
+    x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor | None:
+    """RoPE by the CPU kernel for x's dtype, or None where none takes x."""
+    f32_lib = cpu_kernels_f32.usable(x)
+    if f32_lib is not None:
+        return cpu_kernels_f32.rope(f32_lib, x, positions, cos, sin)
+    lib = cpu_kernels.usable(x)
+    if lib is not None:
+        return cpu_kernels.rope(lib, x, positions, cos, sin)
+    return None
+
+
 class LlamaModel:
     """Holds weights and runs one forward over a flat ragged batch of new tokens."""
 
@@ -189,13 +209,11 @@ class LlamaModel:
         self,
         x: torch.Tensor,  # [T, heads, D]
         positions: torch.Tensor,  # [T]
-        lib: Any,  # the kernel library, or None
         rows: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin [T, 1, D], or None
     ) -> torch.Tensor:
-        if lib is not None:
-            out = cpu_kernels.rope(lib, x, positions, self.rope_cos, self.rope_sin)
-            if out is not None:
-                return out
+        out = _rope_kernel(x, positions, self.rope_cos, self.rope_sin)
+        if out is not None:
+            return out
         if rows is None:
             rows = self._rope_rows(positions)
         return apply_rope(x, *rows)
@@ -221,8 +239,7 @@ class LlamaModel:
         scale = dim**-0.5
         eps = cfg.rms_norm_eps
         x = F.embedding(tokens, self.embed)  # [T, hidden]
-        rope_lib = cpu_kernels.usable(x) if dim % 32 == 0 else None  # kernel, or rows for ops
-        rope_rows = None if rope_lib is not None else self._rope_rows(positions)
+        rope_rows = None if _rope_kernel_takes(x, dim) else self._rope_rows(positions)
         k_caches = kv_cache[:, 0].unbind(0)  # per layer [P, page_size, KH, D]
         v_caches = kv_cache[:, 1].unbind(0)
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
@@ -235,11 +252,11 @@ class LlamaModel:
                     layer.k_norm,
                     eps,
                 )
-                q = self._rotate(q, positions, rope_lib, rope_rows)
-                k = self._rotate(k, positions, rope_lib, rope_rows)
+                q = self._rotate(q, positions, rope_rows)
+                k = self._rotate(k, positions, rope_rows)
             else:  # q and k rotate together: one call for H + KH heads
                 qk_in = qkv[:, : q_size + kv_size].view(n_tokens, heads + kv_heads, dim)
-                qk = self._rotate(qk_in, positions, rope_lib, rope_rows)
+                qk = self._rotate(qk_in, positions, rope_rows)
                 q, k = qk[:, :heads], qk[:, heads:]
             o = attention.forward(q, k, v, k_cache, v_cache, meta, scale)  # [T, H, D]
             x = layer.o(o.reshape(n_tokens, q_size), residual=x)

@@ -208,8 +208,9 @@ def build(
 
 
 def weights_of(model: LlamaModel) -> dict[str, torch.Tensor]:
-    """Canonical weights of a built model as views of its fused matrices (no copy), so an HF
-    model can share the memory of ours: q/k/v and gate/up are row ranges of one matrix."""
+    """Canonical weights of a built model as views of its fused matrices, so an HF model can
+    share the memory of ours (q/k/v and gate/up are row ranges of one matrix). Where the CPU
+    float32 kernels hold a weight only in their packed layout, its view is of an unpacked copy."""
     cfg = model.config
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     lm_head = _matrix(model.lm_head)
@@ -232,12 +233,13 @@ def weights_of(model: LlamaModel) -> dict[str, torch.Tensor]:
 
 
 def _matrix(linear: Linear) -> torch.Tensor:
-    if linear.weight is None:
+    weight = linear.unpacked()
+    if weight is None:
         raise ValueError(
             "this model's weights were repacked for the CPU kernels; build it on CUDA or in "
             "float32 to share its weights with an HF model"
         )
-    return linear.weight
+    return weight
 
 
 def make_engine(

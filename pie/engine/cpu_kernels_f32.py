@@ -1,0 +1,302 @@
+"""Float32 CPU kernels for x86-64 with AVX2 and FMA, compiled on first use.
+
+The float32 counterpart of pie.engine.cpu_kernels (which needs AVX512-BF16): the engine's
+default CPU dtype is float32 wherever bf16 has no hardware support, and there torch spends most
+of a decode step in one- to few-row float32 GEMMs that stream weights at a third of the
+memory's speed, plus ~40 small ops per layer. `PackedF32Gemm` multiplies any number of rows by
+a weight packed into 16-output panels (one sequential stream per thread) and folds the RMSNorm
+before and the residual add or SwiGLU after into the same call; `decode_attention` attends one
+new token per sequence straight from the paged KV cache; `rope` rotates q and k in one pass.
+`load()` returns None where the kernels cannot run (not x86-64 with AVX2 and FMA, no C
+compiler, or PIE_CPU_KERNELS=0): callers then use torch ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from pie.engine import cpu_kernels
+from pie.engine.cpu_kernels_f32_c import SOURCE
+
+PANEL = 16  # outputs per packed weight panel (fixed by the C kernel)
+MODE_PLAIN, MODE_ADD, MODE_SWIGLU = 0, 1, 2  # as in pie.engine.cpu_kernels
+
+# -ffp-contract=off: no fused multiply-adds the source does not ask for, so RoPE and the
+# epilogues round exactly as torch's separate float32 ops do.
+_FLAGS = ("-O3", "-shared", "-fPIC", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp")
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class _PackedF32(ctypes.Structure):
+    _fields_ = [
+        ("w", _P),
+        ("bias", _P),
+        ("panels", _I64),
+        ("k", _I64),
+        ("n_out", _I64),
+        ("mode", _I32),
+    ]
+
+
+_SIGNATURES: dict[str, list[type]] = {
+    # pw, x, x_stride, rows, norm_w, eps, residual, res_stride, y, y_stride, threads
+    "pie_f32_gemm": [ctypes.POINTER(_PackedF32), _P, _I64, _I64, _P, _F32, _P, _I64, _P, _I64, _I32],
+    # q, q_stride_b, q_stride_h, k_cache, v_cache, kv_rows, kv_lens, mask, batch, heads, kv_heads,
+    # dim, l_max, scale, out, k_new, k_new_stride, v_new, v_new_stride, slot_rows, threads
+    "pie_f32_decode_attention": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64,
+                                 _F32, _P, _P, _I64, _P, _I64, _P, _I32],
+    # x, x_stride, tokens, heads, dim, positions, cos, sin, y, threads
+    "pie_f32_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I32],
+}  # fmt: skip
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot be built or run here."""
+    if os.environ.get("PIE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2_fma():
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(cpu_kernels.build(compiler, SOURCE, _FLAGS)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def usable(x: torch.Tensor) -> ctypes.CDLL | None:
+    """The kernel library if it loads here and `x` is a float32 CPU tensor with contiguous rows."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1:
+        return None
+    return load()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with code {rc}; set PIE_CPU_KERNELS=0 to use torch ops")
+
+
+def _rows_ready(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its rows are contiguous float32 (any row stride), else a copy that is."""
+    return x if x.stride(-1) == 1 and x.dtype == torch.float32 else x.float().contiguous()
+
+
+# ---- weight matmuls ------------------------------------------------------------------------------
+def _pack(weight: torch.Tensor, parts: int, out: torch.Tensor) -> None:
+    """[parts * n, K] -> out viewed [ceil(n/16), parts, K, 16], zero-padded: panel j of every
+    part side by side, each [K, 16] (outputs of the panel adjacent), as pie_f32_gemm streams."""
+    n, k = weight.shape[0] // parts, weight.shape[1]
+    panels = -(-n // PANEL)
+    stacked = weight.reshape(parts, n, k)
+    if n % PANEL:
+        padded = weight.new_zeros(parts, panels * PANEL, k)
+        padded[:, :n] = stacked
+        stacked = padded
+    out.view(panels, parts, k, PANEL).copy_(
+        stacked.view(parts, panels, PANEL, k).permute(1, 0, 3, 2)
+    )
+
+
+class PackedF32Gemm:
+    """One float32 weight [N, K] (+ bias [N]) packed for pie_f32_gemm.
+
+    `gated` takes a [gate; up] matrix (N = 2I) and computes silu(x @ gate.T) * (x @ up.T): gate
+    panel j and up panel j are stored side by side, so one thread reads both.
+    """
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        gated: bool,
+        arena: cpu_kernels.HugePageArena | None = None,
+    ) -> None:
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError("PackedF32Gemm takes a 2-D float32 CPU weight")
+        if gated and (bias is not None or weight.shape[0] % 2):
+            raise ValueError("a gated PackedF32Gemm takes an even number of rows and no bias")
+        n, k = weight.shape
+        self._fn = lib.pie_f32_gemm
+        self.in_features = k
+        self.n_out = n // 2 if gated else n
+        panels = -(-self.n_out // PANEL)
+        parts = 2 if gated else 1
+        size = panels * parts * k * PANEL
+        buffer = (
+            arena.take(size, torch.float32)
+            if arena is not None
+            else torch.empty(size, dtype=torch.float32)
+        )
+        _pack(weight, parts, buffer)
+        self._parts = parts
+        self.packed = buffer
+        self.bias = None if bias is None else bias.float().contiguous()
+        modes = (MODE_SWIGLU,) if gated else (MODE_PLAIN, MODE_ADD)
+        self._specs = {
+            mode: _PackedF32(
+                buffer.data_ptr(),
+                None if self.bias is None else self.bias.data_ptr(),
+                panels * parts,
+                k,
+                self.n_out,
+                mode,
+            )
+            for mode in modes
+        }
+        self._refs = {mode: ctypes.byref(spec) for mode, spec in self._specs.items()}
+
+    def unpack(self) -> torch.Tensor:
+        """The weight [N, K] this was packed from (a new tensor)."""
+        panels = self.packed.numel() // (self._parts * self.in_features * PANEL)
+        k = self.in_features
+        grid = self.packed.view(panels, self._parts, k, PANEL).permute(1, 0, 3, 2)
+        return grid.reshape(self._parts, panels * PANEL, k)[:, : self.n_out].reshape(-1, k)
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [M, K] float32
+        mode: int,
+        norm: torch.Tensor | None = None,  # [K] float32 RMSNorm weight: x is normalized first
+        eps: float = 0.0,
+        residual: torch.Tensor | None = None,  # [M, N] float32, for MODE_ADD
+    ) -> torch.Tensor:  # [M, n_out] float32
+        rows = x.shape[0]
+        y = torch.empty((rows, self.n_out), dtype=torch.float32)
+        if rows == 0:  # a forward that asks for no outputs reaches the LM head with no rows
+            return y
+        x = _rows_ready(x)
+        res_ptr, res_stride = None, 0
+        if residual is not None:
+            residual = _rows_ready(residual)
+            res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
+        rc = self._fn(
+            self._refs[mode],
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            None if norm is None else norm.data_ptr(),
+            eps,
+            res_ptr,
+            res_stride,
+            y.data_ptr(),
+            y.stride(0),
+            torch.get_num_threads(),
+        )
+        _check(rc, f"pie_f32_gemm on {rows} rows")
+        return y
+
+
+# ---- attention -------------------------------------------------------------------------------------
+def decode_attention_supported(heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether decode_attention takes these shapes here (and the library loads)."""
+    return dim % 8 == 0 and kv_heads > 0 and heads % kv_heads == 0 and load() is not None
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D] float32, last dim contiguous
+    k_cache: torch.Tensor,  # [rows, KH, D] float32, contiguous
+    v_cache: torch.Tensor,
+    kv_rows: torch.Tensor,  # [B, Lmax] int64: cache row of each slot
+    kv_lens: torch.Tensor,  # [B] int64: slots each sequence reads
+    mask: torch.Tensor | None,  # [B, Lmax] bool (True = attend), or None for all
+    scale: float,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # [B, H, D] float32
+    """One-token-per-sequence attention straight from the paged cache.
+
+    `new` = (k [B, KH, D], v [B, KH, D], slot_rows [B]): written to the cache first.
+    """
+    lib = load()
+    assert lib is not None, "decode_attention needs the kernel library"
+    batch, heads, dim = q.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    k_ptr = v_ptr = slots_ptr = None
+    k_stride = v_stride = 0
+    if new is not None:
+        k, v, slot_rows = new
+        if k.stride(-1) != 1 or k.stride(-2) != dim:  # rows of [KH, D] must be contiguous
+            k = k.contiguous()
+        if v.stride(-1) != 1 or v.stride(-2) != dim:
+            v = v.contiguous()
+        k_ptr, k_stride, v_ptr, v_stride = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
+        slots_ptr = slot_rows.data_ptr()
+    out = torch.empty((batch, heads, dim), dtype=torch.float32)
+    rc = lib.pie_f32_decode_attention(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        kv_rows.data_ptr(),
+        kv_lens.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        batch,
+        heads,
+        k_cache.shape[1],
+        dim,
+        kv_rows.shape[1],
+        scale,
+        out.data_ptr(),
+        k_ptr,
+        k_stride,
+        v_ptr,
+        v_stride,
+        slots_ptr,
+        torch.get_num_threads(),
+    )
+    _check(rc, f"pie_f32_decode_attention on q {list(q.shape)}")
+    return out
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------
+def rope(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,  # [T, heads, D] float32, heads D apart, rows any distance apart
+    positions: torch.Tensor,  # [T] int64
+    cos: torch.Tensor,  # [max_position, D] float32 table
+    sin: torch.Tensor,  # [max_position, D] float32 table, first half negated
+) -> torch.Tensor | None:  # [T, heads, D] contiguous, or None where the kernel does not take x
+    tokens, heads, dim = x.shape
+    if dim % 16 or x.stride(1) != dim or x.stride(2) != 1 or not positions.is_contiguous():
+        return None
+    y = torch.empty((tokens, heads, dim), dtype=torch.float32)
+    rc = lib.pie_f32_rope(
+        x.data_ptr(),
+        x.stride(0),
+        tokens,
+        heads,
+        dim,
+        positions.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    _check(rc, "pie_f32_rope")
+    return y

@@ -1,0 +1,424 @@
+"""The C source of pie.engine.cpu_kernels_f32 (x86-64 AVX2 + FMA, float32), kept as code.
+
+Entry points, each one call where torch needs several ops:
+`pie_f32_gemm` (weight matmul for any number of rows, with the RMSNorm before and the bias,
+residual add or SwiGLU after), `pie_f32_decode_attention` (one new token per sequence, straight
+from the paged KV cache) and `pie_f32_rope`. Everything is float32 with the operations of HF's
+Llama in float32, so results match torch's but for summation order.
+"""
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PANEL 16 /* outputs per packed weight panel: two ymm of sums per row */
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* lane j of the result = the sum of the 8 lanes of v[j] */
+static inline __m256 transpose_sum8(const __m256 *v) {
+    const __m256 a0 = _mm256_hadd_ps(v[0], v[1]), a1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 a2 = _mm256_hadd_ps(v[4], v[5]), a3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 b0 = _mm256_hadd_ps(a0, a1), b1 = _mm256_hadd_ps(a2, a3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* e^x for 8 floats (Cephes-style: 2^n * p(r), |r| <= ln2/2), ~1 ulp; x clamped to [-88, 88],
+   so -inf gives exactly 0 (2^-127 is built as the bit pattern 0) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-88.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+static inline __m256 silu8(__m256 g) { /* g / (1 + e^-g), as torch computes silu */
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
+
+/* ---- weight matmul --------------------------------------------------------------------------- */
+
+/* Weights are packed [panels][k][16]: for input p, the 16 outputs of a panel lie side by side,
+   so one broadcast input and two FMAs update 16 sums. Panels are contiguous, so a thread's
+   share of a matrix is one sequential stream.
+
+   Several rows (BLIS's scheme, sized for 32 KiB L1 / 512 KiB L2): the inputs of a chunk of
+   rows are packed into tiles of at most 6 rows, each [k][rows] so one tile's inputs for p are
+   adjacent; for each panel and each KC-input slice of it (16 KiB, stays in L1) every tile runs
+   the micro-kernel, whose 2 x rows accumulators live in registers (named variables: GCC keeps
+   an array of vectors in memory and stores it back every iteration, at half the speed). */
+#define KC 256          /* inputs per slice: a 16 KiB panel slice stays in L1 across tiles */
+#define MAX_TILE 6      /* 12 accumulators + 2 weights + 1 input of the 16 ymm registers */
+#define CHUNK_BYTES (192 * 1024) /* packed inputs of one row chunk, kept in L2 */
+#define MAX_CHUNK 192   /* rows per chunk, at most (sums of a panel: 12 KiB on the stack) */
+
+#define ROW_ACC(i)                                                                 \
+    __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();           \
+    if (!first && mt > i) {                                                        \
+        c##i##0 = _mm256_loadu_ps(c + i * PANEL);                                  \
+        c##i##1 = _mm256_loadu_ps(c + i * PANEL + 8);                              \
+    }
+#define ROW_FMA(i)                                                                 \
+    if (mt > i) {                                                                  \
+        const __m256 b = _mm256_broadcast_ss(a + p * mt + i);                      \
+        c##i##0 = _mm256_fmadd_ps(w0, b, c##i##0);                                 \
+        c##i##1 = _mm256_fmadd_ps(w1, b, c##i##1);                                 \
+    }
+#define ROW_STORE(i)                                                               \
+    if (mt > i) {                                                                  \
+        _mm256_storeu_ps(c + i * PANEL, c##i##0);                                  \
+        _mm256_storeu_ps(c + i * PANEL + 8, c##i##1);                              \
+    }
+/* c[MT][16] (+)= a[kc][MT] . w[kc][16]; `first` starts the sums at 0 */
+#define DEFINE_MICRO(MT)                                                                        \
+    static void micro_##MT(const float *w, const float *a, int64_t kc, int first, float *c) {   \
+        const int mt = MT; /* constant: the rows past it compile away */                         \
+        ROW_ACC(0) ROW_ACC(1) ROW_ACC(2) ROW_ACC(3) ROW_ACC(4) ROW_ACC(5)                        \
+        for (int64_t p = 0; p < kc; ++p) {                                                      \
+            const __m256 w0 = _mm256_loadu_ps(w + p * PANEL);                                   \
+            const __m256 w1 = _mm256_loadu_ps(w + p * PANEL + 8);                               \
+            ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)                   \
+        }                                                                                       \
+        ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5)           \
+    }
+
+DEFINE_MICRO(1)
+DEFINE_MICRO(2)
+DEFINE_MICRO(3)
+DEFINE_MICRO(4)
+DEFINE_MICRO(5)
+DEFINE_MICRO(6)
+
+static void micro(const float *w, const float *a, int64_t kc, int64_t mt, int first, float *c) {
+    switch (mt) {
+        case 6: micro_6(w, a, kc, first, c); break;
+        case 5: micro_5(w, a, kc, first, c); break;
+        case 4: micro_4(w, a, kc, first, c); break;
+        case 3: micro_3(w, a, kc, first, c); break;
+        case 2: micro_2(w, a, kc, first, c); break;
+        default: micro_1(w, a, kc, first, c); break;
+    }
+}
+
+/* One row, whole k: the sums of even and odd inputs apart, so four FMA chains hide the FMA
+   latency while the weights stream from memory (decode at batch 1). */
+static void row_dot(const float *w, const float *x, int64_t k, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    int64_t p = 0;
+    for (; p + 2 <= k; p += 2) {
+        const float *wp = w + p * PANEL;
+        const __m256 xa = _mm256_broadcast_ss(x + p), xb = _mm256_broadcast_ss(x + p + 1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp), xa, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp + 8), xa, a1);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(wp + 16), xb, b0);
+        b1 = _mm256_fmadd_ps(_mm256_loadu_ps(wp + 24), xb, b1);
+    }
+    if (p < k) {
+        const __m256 xa = _mm256_broadcast_ss(x + p);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + p * PANEL), xa, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + p * PANEL + 8), xa, a1);
+    }
+    _mm256_storeu_ps(out, _mm256_add_ps(a0, b0));
+    _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));
+}
+
+enum { MODE_PLAIN = 0, MODE_ADD = 1, MODE_SWIGLU = 2 };
+
+typedef struct { /* one packed weight matrix; filled once from Python */
+    const float *w;    /* [panels][k][16]; SwiGLU: gate panel j at 2j, up panel j at 2j + 1 */
+    const float *bias; /* [n_out] or NULL */
+    int64_t panels;
+    int64_t k;     /* input width */
+    int64_t n_out; /* outputs (SwiGLU: of one half) */
+    int32_t mode;
+} PackedF32;
+
+/* y[m, n0:n0+16] for `rows` rows from m0, from the panel's sums acc[row][16] (and up[row][16]
+   for SwiGLU): + bias, + residual (MODE_ADD) or silu(gate) * up */
+static void epilogue(const PackedF32 *pw, const float *acc, const float *up, int64_t m0,
+                     int64_t rows, int64_t n0, const float *residual, int64_t res_stride,
+                     float *y, int64_t y_stride) {
+    const int64_t n1 = min64(n0 + PANEL, pw->n_out);
+    for (int64_t i = 0; i < rows; ++i) {
+        float *yi = y + (m0 + i) * y_stride;
+        const float *ri = residual == NULL ? NULL : residual + (m0 + i) * res_stride;
+        const float *ai = acc + i * PANEL, *ui = up + i * PANEL;
+        if (n1 - n0 == PANEL) {
+            for (int h = 0; h < PANEL; h += 8) {
+                __m256 v = _mm256_loadu_ps(ai + h);
+                if (pw->bias != NULL) v = _mm256_add_ps(v, _mm256_loadu_ps(pw->bias + n0 + h));
+                if (pw->mode == MODE_ADD) v = _mm256_add_ps(_mm256_loadu_ps(ri + n0 + h), v);
+                if (pw->mode == MODE_SWIGLU) v = _mm256_mul_ps(silu8(v), _mm256_loadu_ps(ui + h));
+                _mm256_storeu_ps(yi + n0 + h, v);
+            }
+        } else {
+            for (int64_t n = n0; n < n1; ++n) {
+                float v = ai[n - n0];
+                if (pw->bias != NULL) v += pw->bias[n];
+                if (pw->mode == MODE_ADD) v = ri[n] + v;
+                if (pw->mode == MODE_SWIGLU) v = silu1(v) * ui[n - n0];
+                yi[n] = v;
+            }
+        }
+    }
+}
+
+/* rsqrt(mean(x^2) + eps) of one row, as HF's float32 RMSNorm computes it */
+static float norm_scale(const float *x, int64_t k, float eps) {
+    __m256 ss = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    float sum = hsum8(ss);
+    for (; i < k; ++i) sum += x[i] * x[i];
+    return 1.0f / sqrtf(sum / (float)k + eps);
+}
+
+/* Rows are split into tiles of at most MAX_TILE rows, as even as possible (32 -> 6,6,6,6,4,4),
+   so no tile runs with a handful of accumulators. Tile t starts at row tile_start(n, t). */
+static int64_t tile_count(int64_t n) { return (n + MAX_TILE - 1) / MAX_TILE; }
+static int64_t tile_start(int64_t n, int64_t t) {
+    const int64_t tiles = tile_count(n), base = n / tiles, extra = n % tiles;
+    return t * base + (t < extra ? t : extra);
+}
+
+/* Packs rows [r0, r0 + n) of x, normalized when norm_w is given, into tiles: the tile from row
+   s with mt rows is a[s * k ...] laid out [k][mt]. */
+static void pack_rows(const float *x, int64_t x_stride, int64_t r0, int64_t n, int64_t k,
+                      const float *norm_w, float eps, float *a) {
+    for (int64_t t = 0; t < tile_count(n); ++t) {
+        const int64_t s = tile_start(n, t), mt = tile_start(n, t + 1) - s;
+        float *at = a + s * k;
+        for (int64_t i = 0; i < mt; ++i) {
+            const float *xi = x + (r0 + s + i) * x_stride;
+            if (norm_w != NULL) {
+                const float r = norm_scale(xi, k, eps);
+                for (int64_t p = 0; p < k; ++p) at[p * mt + i] = norm_w[p] * (xi[p] * r);
+            } else {
+                for (int64_t p = 0; p < k; ++p) at[p * mt + i] = xi[p];
+            }
+        }
+    }
+}
+
+/* y[m, :] for m < rows: (rms_norm(x[m]) if norm_w) @ W^T, then + bias, + residual (MODE_ADD)
+   or silu(gate) * up (MODE_SWIGLU). Threads split the panels. */
+int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
+                 const float *norm_w, float eps, const float *residual, int64_t res_stride,
+                 float *y, int64_t y_stride, int32_t threads) {
+    if (rows < 1) return -1;
+    const int64_t k = pw->k;
+    const int swiglu = pw->mode == MODE_SWIGLU;
+    const int64_t units = swiglu ? pw->panels / 2 : pw->panels;
+    const int64_t unit_floats = (swiglu ? 2 : 1) * k * PANEL;
+    int64_t chunk = CHUNK_BYTES / (k * 4);
+    chunk = chunk < MAX_TILE ? MAX_TILE : chunk > MAX_CHUNK ? MAX_CHUNK : chunk;
+    const int64_t first_chunk = rows < chunk ? rows : chunk;
+    float *a = (float *)aligned_alloc(64, (size_t)((first_chunk * k * 4 + 63) / 64 * 64));
+    if (a == NULL) return -2;
+    if (rows == 1) { /* streaming: one row against whole panels */
+        if (norm_w != NULL) {
+            const float r = norm_scale(x, k, eps);
+            for (int64_t p = 0; p < k; ++p) a[p] = norm_w[p] * (x[p] * r);
+        } else {
+            memcpy(a, x, (size_t)k * 4);
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t u = 0; u < units; ++u) {
+            float acc[PANEL], up[PANEL];
+            const float *wu = pw->w + u * unit_floats;
+            row_dot(wu, a, k, acc);
+            if (swiglu) row_dot(wu + k * PANEL, a, k, up);
+            epilogue(pw, acc, up, 0, 1, u * PANEL, residual, res_stride, y, y_stride);
+        }
+        free(a);
+        return 0;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        const int64_t n = min64(chunk, rows - r0), tiles = tile_count(n);
+        pack_rows(x, x_stride, r0, n, k, norm_w, eps, a);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t u = 0; u < units; ++u) {
+            float acc[MAX_CHUNK * PANEL], up[MAX_CHUNK * PANEL];
+            const float *wu = pw->w + u * unit_floats;
+            for (int64_t p0 = 0; p0 < k; p0 += KC) {
+                const int64_t kc = min64(KC, k - p0);
+                for (int64_t half = 0; half <= swiglu; ++half) {
+                    const float *ws = wu + half * k * PANEL + p0 * PANEL;
+                    float *sums = half ? up : acc;
+                    for (int64_t t = 0; t < tiles; ++t) {
+                        const int64_t s = tile_start(n, t), mt = tile_start(n, t + 1) - s;
+                        micro(ws, a + s * k + p0 * mt, kc, mt, p0 == 0, sums + s * PANEL);
+                    }
+                }
+            }
+            epilogue(pw, acc, up, r0, n, u * PANEL, residual, res_stride, y, y_stride);
+        }
+    }
+    free(a);
+    return 0;
+}
+
+/* ---- decode attention over paged KV ---------------------------------------------------------- */
+
+/* One (sequence, KV head): scores of the `group` query heads that share it, softmax, then the
+   probability-weighted sum of V rows. Cache rows are row_stride floats apart, and k/v point at
+   this KV head's column; rows[l] is the cache row of slot l. scores: group * padded floats. */
+static void attend(const float *q, int64_t q_stride_h, const float *k_cache,
+                   const float *v_cache, int64_t row_stride, const int64_t *rows,
+                   const uint8_t *mask, int64_t len, int64_t group, int64_t dim, float scale,
+                   float *scores, float *out) {
+    const int64_t padded = (len + 7) / 8 * 8, chunks = dim / 8;
+    for (int64_t l0 = 0; l0 < len; l0 += 8) { /* 8 keys: 8 partial dots, one transpose-sum */
+        const int64_t n = min64(8, len - l0);
+        const float *kr[8];
+        for (int64_t j = 0; j < 8; ++j) kr[j] = k_cache + rows[l0 + (j < n ? j : 0)] * row_stride;
+        for (int64_t g = 0; g < group; ++g) {
+            const float *qg = q + g * q_stride_h;
+            __m256 part[8];
+            for (int j = 0; j < 8; ++j) part[j] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) {
+                const __m256 qv = _mm256_loadu_ps(qg + 8 * c);
+                for (int j = 0; j < 8; ++j)
+                    part[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kr[j] + 8 * c), qv, part[j]);
+            }
+            _mm256_storeu_ps(scores + g * padded + l0,
+                             _mm256_mul_ps(transpose_sum8(part), _mm256_set1_ps(scale)));
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) { /* masked and padding slots -> -inf */
+        float *sg = scores + g * padded;
+        for (int64_t l = len; l < padded; ++l) sg[l] = -INFINITY;
+        if (mask != NULL)
+            for (int64_t l = 0; l < len; ++l)
+                if (!mask[l]) sg[l] = -INFINITY;
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float *sg = scores + g * padded;
+        __m256 best = _mm256_set1_ps(-INFINITY);
+        for (int64_t l = 0; l < padded; l += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sg + l));
+        float top = hmax8(best);
+        if (top == -INFINITY) top = 0.0f; /* nothing to attend: all weights 0, output 0 */
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t l = 0; l < padded; l += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + l), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(sg + l, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        const float total = hsum8(sum);
+        const __m256 inv = _mm256_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+        for (int64_t c0 = 0; c0 < chunks; c0 += 8) { /* 64 outputs at a time stay in registers */
+            const int64_t cn = min64(8, chunks - c0);
+            __m256 acc[8];
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+            for (int64_t l = 0; l < len; ++l) {
+                if (sg[l] == 0.0f) continue; /* masked */
+                const float *vr = v_cache + rows[l] * row_stride + 8 * c0;
+                const __m256 p = _mm256_set1_ps(sg[l]);
+                for (int c = 0; c < cn; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), acc[c]);
+            }
+            for (int c = 0; c < cn; ++c)
+                _mm256_storeu_ps(out + g * dim + 8 * (c0 + c), _mm256_mul_ps(acc[c], inv));
+        }
+    }
+}
+
+/* out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b for one new token per sequence b, where
+   slot l of sequence b lives in cache row kv_rows[b, l] (cache rows are [KH, D]); only slots
+   l < kv_lens[b] with mask[b, l] (when a mask is given) are attended. With k_new, the new
+   K/V rows are first written to cache rows slot_rows[b]. */
+int pie_f32_decode_attention(const float *q, int64_t q_stride_b, int64_t q_stride_h,
+                             float *k_cache, float *v_cache, const int64_t *kv_rows,
+                             const int64_t *kv_lens, const uint8_t *mask, int64_t batch,
+                             int64_t heads, int64_t kv_heads, int64_t dim, int64_t l_max,
+                             float scale, float *out, const float *k_new, int64_t k_new_stride,
+                             const float *v_new, int64_t v_new_stride, const int64_t *slot_rows,
+                             int32_t threads) {
+    if (dim % 8 != 0 || kv_heads < 1 || heads % kv_heads != 0) return -1;
+    const int64_t row_stride = kv_heads * dim, group = heads / kv_heads;
+    for (int64_t b = 0; b < batch; ++b)
+        if (kv_lens[b] < 1 || kv_lens[b] > l_max) return -3;
+    if (k_new != NULL) {
+        for (int64_t b = 0; b < batch; ++b) {
+            memcpy(k_cache + slot_rows[b] * row_stride, k_new + b * k_new_stride, (size_t)row_stride * 4);
+            memcpy(v_cache + slot_rows[b] * row_stride, v_new + b * v_new_stride, (size_t)row_stride * 4);
+        }
+    }
+    const int64_t padded = (l_max + 7) / 8 * 8;
+    const int64_t team = threads < 1 ? 1 : threads;
+    float *scratch = (float *)malloc((size_t)(team * group * padded) * sizeof(float));
+    if (scratch == NULL) return -2;
+    const int64_t tasks = batch * kv_heads;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t b = t / kv_heads, kh = t % kv_heads;
+        float *scores = scratch + (int64_t)omp_get_thread_num() * group * padded;
+        attend(q + b * q_stride_b + kh * group * q_stride_h, q_stride_h, k_cache + kh * dim,
+               v_cache + kh * dim, row_stride, kv_rows + b * l_max,
+               mask == NULL ? NULL : mask + b * l_max, kv_lens[b], group, dim, scale, scores,
+               out + (b * heads + kh * group) * dim);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---- RoPE -------------------------------------------------------------------------------------- */
+
+/* y[t, h] = x[t, h] * cos[pos_t] + rotate_half(x[t, h]) * sin[pos_t], where sin has its first
+   half negated, so rotate_half is a swap of halves. x: [T, heads, dim], rows x_stride apart and
+   heads dim apart; y: contiguous [T, heads, dim]. */
+int pie_f32_rope(const float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t dim,
+                 const int64_t *positions, const float *cos, const float *sin, float *y,
+                 int32_t threads) {
+    if (dim % 16 != 0) return -1;
+    const int64_t half = dim / 2;
+#pragma omp parallel for num_threads(tokens * heads * dim >= 65536 ? threads : 1) schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *c = cos + positions[t] * dim, *s = sin + positions[t] * dim;
+        for (int64_t h = 0; h < heads; ++h) {
+            const float *xh = x + t * x_stride + h * dim;
+            float *yh = y + (t * heads + h) * dim;
+            for (int64_t i = 0; i < dim; i += 8) {
+                const int64_t j = i < half ? i + half : i - half; /* rotate_half's partner */
+                const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(xh + i), _mm256_loadu_ps(c + i));
+                const __m256 b = _mm256_mul_ps(_mm256_loadu_ps(xh + j), _mm256_loadu_ps(s + i));
+                _mm256_storeu_ps(yh + i, _mm256_add_ps(a, b));
+            }
+        }
+    }
+    return 0;
+}
+"""

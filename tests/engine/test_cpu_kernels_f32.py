@@ -1,0 +1,225 @@
+"""The float32 C kernels of pie.engine.cpu_kernels_f32 against the torch ops they replace.
+
+Matmuls and attention differ from torch only in summation order (well under 1e-4 here); RoPE
+repeats torch's roundings exactly. Skipped where the kernels cannot run (not x86-64 AVX2+FMA).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pie.engine import cpu_kernels, cpu_kernels_f32, random_model
+from pie.engine.attention import TorchAttention
+from pie.engine.linear import Linear, rms_norm
+from pie.engine.model import LlamaModel, apply_rope
+from pie.engine.request import ForwardBatch, SequenceForward
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernels_f32.load() is None, reason="needs x86-64 AVX2 + FMA and a C compiler"
+)
+CPU = torch.device("cpu")
+
+
+def lib() -> Any:
+    loaded = cpu_kernels_f32.load()
+    assert loaded is not None
+    return loaded
+
+
+def close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> None:
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+# 0: a forward with no outputs; 7, 33: tiles of uneven sizes; 500: several row chunks
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 33, 500])
+@pytest.mark.parametrize(("n", "k"), [(960, 576), (100, 70)])  # 100, 70: partial panel, tails
+def test_gemm_modes_match_torch(rows: int, n: int, k: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, generator=gen) * 0.1
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
+    norm = torch.rand(k, generator=gen) + 0.5
+    res = torch.randn(rows, n, generator=gen)
+    plain = cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=False)
+    biased = cpu_kernels_f32.PackedF32Gemm(lib(), w, b, gated=False)
+    close(plain(x, cpu_kernels_f32.MODE_PLAIN), F.linear(x, w))
+    close(biased(x, cpu_kernels_f32.MODE_PLAIN), F.linear(x, w, b))
+    normed = rms_norm(x, norm, 1e-5)
+    close(plain(x, cpu_kernels_f32.MODE_PLAIN, norm, 1e-5), F.linear(normed, w))
+    close(biased(x, cpu_kernels_f32.MODE_ADD, residual=res), res + F.linear(x, w, b))
+
+
+def test_gemm_reads_strided_rows() -> None:
+    """Rows further apart than their width (views into a wider tensor), as the model passes."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 48, generator=gen)
+    wide = torch.randn(9, 100, generator=gen)
+    x, res = wide[:, :48], torch.randn(9, 130, generator=gen)[:, 10:74]
+    got = cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=False)(
+        x, cpu_kernels_f32.MODE_ADD, residual=res
+    )
+    close(got, res + F.linear(x, w))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 200])
+@pytest.mark.parametrize("half", [96, 100])
+def test_gated_gemm_is_swiglu(rows: int, half: int) -> None:
+    gen = torch.Generator().manual_seed(rows + half)
+    w = torch.randn(2 * half, 64, generator=gen) * 0.2
+    x = torch.randn(rows, 64, generator=gen)
+    norm = torch.rand(64, generator=gen) + 0.5
+    gemm = cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=True)
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    close(gemm(x, cpu_kernels_f32.MODE_SWIGLU), F.silu(gate) * up)
+    gate, up = F.linear(rms_norm(x, norm, 1e-6), w).chunk(2, dim=-1)
+    close(gemm(x, cpu_kernels_f32.MODE_SWIGLU, norm, 1e-6), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize(("n", "gated"), [(64, False), (130, False), (200, True), (192, True)])
+def test_packing_round_trips_and_arena_packs_alike(n: int, gated: bool) -> None:
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 40, generator=gen)
+    x = torch.randn(3, 40, generator=gen)
+    mode = cpu_kernels_f32.MODE_SWIGLU if gated else cpu_kernels_f32.MODE_PLAIN
+    alone = cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated)
+    in_arena = cpu_kernels_f32.PackedF32Gemm(
+        lib(), w, None, gated, arena=cpu_kernels.HugePageArena()
+    )
+    assert torch.equal(alone.unpack(), w)
+    assert torch.equal(alone(x, mode), in_arena(x, mode))
+
+
+def test_linear_uses_the_kernel_for_every_row_count() -> None:
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(192, 128, generator=gen) * 0.1
+    linear = Linear(w.clone())
+    assert linear.f32 is not None and linear.weight is None
+    assert torch.equal(linear.unpacked(), w)  # type: ignore[arg-type]
+    for rows in (1, 64, 65, 300):
+        x = torch.randn(rows, 128, generator=gen)
+        res = torch.randn(rows, 192, generator=gen)
+        close(linear(x, residual=res), res + F.linear(x, w))
+
+
+def test_rope_kernel_matches_apply_rope_exactly() -> None:
+    gen = torch.Generator().manual_seed(0)
+    tokens, heads, dim = 37, 12, 64
+    qkv = torch.randn(tokens, 15 * dim, generator=gen)
+    x = qkv[:, : heads * dim].view(tokens, heads, dim)  # rows 15 * dim apart, as in the model
+    positions = torch.randint(0, 8000, (tokens,), generator=gen)
+    freqs = torch.outer(torch.arange(8192).float(), 1e5 ** -(torch.arange(0, dim, 2) / dim))
+    cos = torch.cat([freqs.cos(), freqs.cos()], -1)
+    sin = torch.cat([-freqs.sin(), freqs.sin()], -1)
+    got = cpu_kernels_f32.rope(lib(), x, positions, cos, sin)
+    assert got is not None
+    assert torch.equal(got, apply_rope(x, cos[positions][:, None], sin[positions][:, None]))
+
+
+def reference_attention(q, k_cache, v_cache, rows, lens, mask, scale):  # type: ignore[no-untyped-def]
+    batch, heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.empty(batch, heads, dim)
+    for b in range(batch):
+        n = int(lens[b])
+        k, v = k_cache[rows[b, :n]].double(), v_cache[rows[b, :n]].double()  # [L, KH, D]
+        for h in range(heads):
+            s = (k[:, h // group] @ q[b, h].double()) * scale
+            if mask is not None:
+                s = s.masked_fill(~mask[b, :n], float("-inf"))
+            out[b, h] = (torch.softmax(s, -1) @ v[:, h // group]).float()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "dim", "l_max"),
+    [
+        (1, 9, 3, 64, 150),
+        (5, 9, 3, 64, 40),
+        (3, 8, 8, 128, 17),
+        (2, 32, 8, 128, 300),
+        (4, 4, 1, 64, 1),
+        (2, 6, 2, 40, 23),  # a head size that is not a multiple of 64
+    ],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_float64_reference(
+    batch: int, heads: int, kv_heads: int, dim: int, l_max: int, masked: bool
+) -> None:
+    gen = torch.Generator().manual_seed(batch * heads + dim)
+    k_cache = torch.randn(1024, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(1024, kv_heads, dim, generator=gen)
+    q = torch.randn(batch, heads + 3, dim, generator=gen)[:, :heads]  # strided, as q is
+    lens = torch.randint(1, l_max + 1, (batch,), generator=gen)
+    lens[0] = l_max
+    rows = torch.randint(0, 1024, (batch, l_max), generator=gen)
+    mask = None
+    if masked:
+        mask = torch.rand(batch, l_max, generator=gen) > 0.5
+        mask[:, 0] = True
+    got = cpu_kernels_f32.decode_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5), 2e-5)
+
+
+def test_decode_attention_writes_new_kv_before_reading() -> None:
+    gen = torch.Generator().manual_seed(1)
+    batch, heads, kv_heads, dim = 3, 9, 3, 64
+    k_cache = torch.zeros(64, kv_heads, dim)
+    v_cache = torch.zeros(64, kv_heads, dim)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(batch, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
+    q = torch.randn(batch, heads, dim, generator=gen)
+    slots = torch.tensor([5, 17, 40])  # each sequence's new token, read in the same call
+    rows = torch.tensor([[0, 1, 2, 3, 4, 5], [17, 0, 0, 0, 0, 0], [40, 0, 0, 0, 0, 0]])
+    lens = torch.tensor([6, 1, 1])
+    got = cpu_kernels_f32.decode_attention(
+        q, k_cache, v_cache, rows, lens, None, 0.125, new=(k, v, slots)
+    )
+    assert torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, None, 0.125), 2e-5)
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3"])
+def test_float32_model_with_kernels_matches_torch_ops(
+    shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A random model's prefill, decodes and a mixed batch: kernels on and off agree."""
+    built = random_model.build(shape)
+    cfg = built.config
+    kernel_load = cpu_kernels_f32.load
+
+    def run(kernels: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(cpu_kernels_f32, "load", kernel_load if kernels else lambda: None)
+        model = LlamaModel(cfg, built.weights, CPU, torch.float32)
+        assert (model.layers[0].gate_up.f32 is not None) == kernels
+        attention = TorchAttention()
+        cache = torch.zeros(cfg.num_layers, 2, 12, 16, cfg.num_kv_heads, cfg.head_dim)
+        seqs = [
+            SequenceForward([5, 9, 2, 7, 1, 3, 8, 4, 6], list(range(9)), [3, 5], 0),
+            SequenceForward([11, 12, 13, 14], list(range(4)), [7, 2], 0),
+        ]
+        outs = []
+        for step in range(4):  # prefill both, two decodes of both, then a decode + a prefill
+            meta = attention.prepare(ForwardBatch(seqs), 16, CPU)
+            tokens = torch.tensor([t for s in seqs for t in s.tokens])
+            positions = torch.tensor([p for s in seqs for p in s.positions])
+            ends = torch.tensor(
+                [sum(len(s.tokens) for s in seqs[: i + 1]) - 1 for i in range(len(seqs))]
+            )
+            with torch.inference_mode():
+                outs.append(model.forward(tokens, positions, ends, cache, attention, meta))
+            for s in seqs:
+                s.context_len += len(s.tokens)
+                s.tokens, s.positions = [17 + step], [s.context_len]
+            if step == 2:
+                seqs[1].tokens = [21, 22, 23]
+                seqs[1].positions = list(range(seqs[1].context_len, seqs[1].context_len + 3))
+        monkeypatch.undo()
+        return outs
+
+    for with_kernels, without in zip(run(True), run(False), strict=True):
+        close(with_kernels, without, 1e-4)
