@@ -81,6 +81,10 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
 #define MAX_TILE 6      /* 12 accumulators + 2 weights + 1 input of the 16 ymm registers */
 #define CHUNK_BYTES (192 * 1024) /* packed inputs of one row chunk, kept in L2 */
 #define MAX_CHUNK 192   /* rows per chunk, at most (sums of a panel: 12 KiB on the stack) */
+/* Weights ahead of the micro-kernel to fetch (floats: 2 KiB). The first tile over a slice
+   brings it in from memory; the hardware prefetcher alone leaves ~25% of the FMA rate on the
+   table at 32 rows (measured on a 2-core AVX2 EPYC: ~105 -> ~130 GFLOP/s). */
+#define PREFETCH 512
 
 #define ROW_ACC(i)                                                                 \
     __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();           \
@@ -105,6 +109,7 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
         const int mt = MT; /* constant: the rows past it compile away */                         \
         ROW_ACC(0) ROW_ACC(1) ROW_ACC(2) ROW_ACC(3) ROW_ACC(4) ROW_ACC(5)                        \
         for (int64_t p = 0; p < kc; ++p) {                                                      \
+            _mm_prefetch((const char *)(w + p * PANEL + PREFETCH), _MM_HINT_T0);               \
             const __m256 w0 = _mm256_loadu_ps(w + p * PANEL);                                   \
             const __m256 w1 = _mm256_loadu_ps(w + p * PANEL + 8);                               \
             ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)                   \
@@ -356,6 +361,81 @@ static void attend(const float *q, int64_t q_stride_h, const float *k_cache,
     }
 }
 
+/* One sequence, every head: the same results as `attend` for each KV head, but each cache row
+   (all KV heads, contiguous) is read once, in slot order, so memory streams whole rows. Used
+   when there are enough sequences to keep every thread busy: a KV head alone reads 1/KH of each
+   row, which streams from memory at a fraction of the bandwidth (measured: batch 32, 3 KV
+   heads, 140 slots per sequence, 30 layers' caches: 0.83 -> 0.32 ms per layer on 2 cores).
+   scores: heads * padded floats; acc: heads * dim floats. */
+#ifndef PF_SLOTS
+#define PF_SLOTS 16
+#endif
+static void attend_rows(const float *q, int64_t q_stride_h, const float *k_cache,
+                        const float *v_cache, int64_t row_stride, const int64_t *rows,
+                        const uint8_t *mask, int64_t len, int64_t heads, int64_t group,
+                        int64_t dim, float scale, float *scores, float *acc, float *out) {
+    const int64_t padded = (len + 7) / 8 * 8, chunks = dim / 8;
+    for (int64_t l0 = 0; l0 < len; l0 += 8) {
+        const int64_t n = min64(8, len - l0);
+        const float *kr[8];
+        for (int64_t j = 0; j < 8; ++j) kr[j] = k_cache + rows[l0 + (j < n ? j : 0)] * row_stride;
+        for (int64_t j = l0 + PF_SLOTS; j < l0 + PF_SLOTS + 8 && j < len; ++j)
+            for (int64_t c = 0; c < row_stride; c += 16)
+                _mm_prefetch((const char *)(k_cache + rows[j] * row_stride + c), _MM_HINT_T0);
+        for (int64_t h = 0; h < heads; ++h) {
+            const float *qh = q + h * q_stride_h;
+            const int64_t at = (h / group) * dim;
+            __m256 part[8];
+            for (int j = 0; j < 8; ++j) part[j] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) {
+                const __m256 qv = _mm256_loadu_ps(qh + 8 * c);
+                for (int j = 0; j < 8; ++j)
+                    part[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kr[j] + at + 8 * c), qv, part[j]);
+            }
+            _mm256_storeu_ps(scores + h * padded + l0,
+                             _mm256_mul_ps(transpose_sum8(part), _mm256_set1_ps(scale)));
+        }
+    }
+    for (int64_t h = 0; h < heads; ++h) { /* masked and padding slots -> -inf, then softmax */
+        float *sh = scores + h * padded;
+        for (int64_t l = len; l < padded; ++l) sh[l] = -INFINITY;
+        if (mask != NULL)
+            for (int64_t l = 0; l < len; ++l)
+                if (!mask[l]) sh[l] = -INFINITY;
+        __m256 best = _mm256_set1_ps(-INFINITY);
+        for (int64_t l = 0; l < padded; l += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sh + l));
+        float top = hmax8(best);
+        if (top == -INFINITY) top = 0.0f;
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t l = 0; l < padded; l += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sh + l), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(sh + l, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        const float total = hsum8(sum);
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int64_t l = 0; l < padded; ++l) sh[l] *= inv; /* probabilities, as torch divides first */
+    }
+    memset(acc, 0, (size_t)(heads * dim) * sizeof(float));
+    for (int64_t l = 0; l < len; ++l) {
+        const float *vr = v_cache + rows[l] * row_stride;
+        if (l + PF_SLOTS < len)
+            for (int64_t c = 0; c < row_stride; c += 16)
+                _mm_prefetch((const char *)(v_cache + rows[l + PF_SLOTS] * row_stride + c), _MM_HINT_T0);
+        for (int64_t h = 0; h < heads; ++h) {
+            const float p = scores[h * padded + l];
+            if (p == 0.0f) continue; /* masked */
+            const __m256 pv = _mm256_set1_ps(p);
+            const float *vh = vr + (h / group) * dim;
+            float *ah = acc + h * dim;
+            for (int64_t c = 0; c < chunks; ++c)
+                _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vh + 8 * c),
+                                                             _mm256_loadu_ps(ah + 8 * c)));
+        }
+    }
+    memcpy(out, acc, (size_t)(heads * dim) * sizeof(float));
+}
+
 /* out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b for one new token per sequence b, where
    slot l of sequence b lives in cache row kv_rows[b, l] (cache rows are [KH, D]); only slots
    l < kv_lens[b] with mask[b, l] (when a mask is given) are attended. With k_new, the new
@@ -379,13 +459,27 @@ int pie_f32_decode_attention(const float *q, int64_t q_stride_b, int64_t q_strid
     }
     const int64_t padded = (l_max + 7) / 8 * 8;
     const int64_t team = threads < 1 ? 1 : threads;
-    float *scratch = (float *)malloc((size_t)(team * group * padded) * sizeof(float));
+    const int by_sequence = batch >= 2 * team; /* enough sequences for every thread */
+    const int64_t per_thread = by_sequence ? heads * (padded + dim) : group * padded;
+    float *scratch = (float *)malloc((size_t)(team * per_thread) * sizeof(float));
     if (scratch == NULL) return -2;
+    if (by_sequence) {
+#pragma omp parallel for num_threads(team) schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            float *scores = scratch + (int64_t)omp_get_thread_num() * per_thread;
+            attend_rows(q + b * q_stride_b, q_stride_h, k_cache, v_cache, row_stride,
+                        kv_rows + b * l_max, mask == NULL ? NULL : mask + b * l_max, kv_lens[b],
+                        heads, group, dim, scale, scores, scores + heads * padded,
+                        out + b * heads * dim);
+        }
+        free(scratch);
+        return 0;
+    }
     const int64_t tasks = batch * kv_heads;
 #pragma omp parallel for num_threads(team) schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t b = t / kv_heads, kh = t % kv_heads;
-        float *scores = scratch + (int64_t)omp_get_thread_num() * group * padded;
+        float *scores = scratch + (int64_t)omp_get_thread_num() * per_thread;
         attend(q + b * q_stride_b + kh * group * q_stride_h, q_stride_h, k_cache + kh * dim,
                v_cache + kh * dim, row_stride, kv_rows + b * l_max,
                mask == NULL ? NULL : mask + b * l_max, kv_lens[b], group, dim, scale, scores,

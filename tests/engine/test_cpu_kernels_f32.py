@@ -223,3 +223,23 @@ def test_float32_model_with_kernels_matches_torch_ops(
 
     for with_kernels, without in zip(run(True), run(False), strict=True):
         close(with_kernels, without, 1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 16])  # 1: a task per sequence; 16: per (sequence, head)
+def test_decode_attention_paths_agree(threads: int) -> None:
+    gen = torch.Generator().manual_seed(threads)
+    batch, heads, kv_heads, dim, l_max = 6, 12, 4, 64, 90
+    k_cache = torch.randn(600, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(600, kv_heads, dim, generator=gen)
+    q = torch.randn(batch, heads, dim, generator=gen)
+    lens = torch.randint(1, l_max + 1, (batch,), generator=gen)
+    rows = torch.randint(0, 600, (batch, l_max), generator=gen)
+    mask = torch.rand(batch, l_max, generator=gen) > 0.3
+    mask[:, 0] = True
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels_f32.decode_attention(q, k_cache, v_cache, rows, lens, mask, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, 0.125), 2e-5)
