@@ -4,9 +4,10 @@
 K/V into the pages and attends. Sequences are grouped so single-token decodes are not padded up
 to a prefill's length:
 
-    group "decode": every sequence with one new token   -> bf16 on CPU: one C kernel call that
-                    reads the pages in place (cpu_kernels.decode_attention); otherwise two
-                    batched matmuls over gathered K/V, q [B*KH, G, D]
+    group "decode": every sequence with one new token   -> bf16 or float32 on CPU: one C kernel
+                    call that reads the pages in place (cpu_kernels / cpu_kernels_f32
+                    .decode_attention); otherwise two batched matmuls over gathered K/V,
+                    q [B*KH, G, D]
     group "other":  prefill chunks, multi-token appends  -> SDPA on q [B, H, Qmax, D] (padded)
 
 The KV cache of one layer is [num_pages, page_size, kv_heads, head_dim]; viewed flat, slot s of

@@ -161,7 +161,7 @@ class LlamaModel:
         # The CPU kernels' packed weights, in call order, in 2 MiB pages (see cpu_kernels).
         arena = (
             cpu_kernels.HugePageArena()
-            if device.type == "cpu" and dtype == torch.bfloat16
+            if device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
             else None
         )
         self.embed = w("embed")  # [V, hidden]
