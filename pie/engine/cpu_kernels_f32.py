@@ -28,6 +28,7 @@ from pie.engine.cpu_kernels_f32_c import SOURCE
 
 PANEL = 16  # outputs per packed weight panel (fixed by the C kernel)
 MODE_PLAIN, MODE_ADD, MODE_SWIGLU = 0, 1, 2  # as in pie.engine.cpu_kernels
+_MODE_GATED_PLAIN = 3  # what MODE_PLAIN runs on a gated matrix: [x @ gate.T | x @ up.T]
 
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so RoPE and the
 # epilogues round exactly as torch's separate float32 ops do.
@@ -156,7 +157,8 @@ class PackedF32Gemm:
         self._parts = parts
         self.packed = buffer
         self.bias = None if bias is None else bias.float().contiguous()
-        modes = (MODE_SWIGLU,) if gated else (MODE_PLAIN, MODE_ADD)
+        self.gated = gated
+        modes = (MODE_SWIGLU, _MODE_GATED_PLAIN) if gated else (MODE_PLAIN, MODE_ADD)
         self._specs = {
             mode: _PackedF32(
                 buffer.data_ptr(),
@@ -184,9 +186,12 @@ class PackedF32Gemm:
         norm: torch.Tensor | None = None,  # [K] float32 RMSNorm weight: x is normalized first
         eps: float = 0.0,
         residual: torch.Tensor | None = None,  # [M, N] float32, for MODE_ADD
-    ) -> torch.Tensor:  # [M, n_out] float32
+    ) -> torch.Tensor:  # [M, n_out] float32 ([M, 2 n_out] for MODE_PLAIN on a gated matrix)
         rows = x.shape[0]
-        y = torch.empty((rows, self.n_out), dtype=torch.float32)
+        width = self.n_out
+        if self.gated and mode == MODE_PLAIN:  # the raw [gate | up] products
+            mode, width = _MODE_GATED_PLAIN, 2 * self.n_out
+        y = torch.empty((rows, width), dtype=torch.float32)
         if rows == 0:  # a forward that asks for no outputs reaches the LM head with no rows
             return y
         x = _rows_ready(x)

@@ -160,15 +160,15 @@ static void row_dot(const float *w, const float *x, int64_t k, float *out) {
     _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));
 }
 
-enum { MODE_PLAIN = 0, MODE_ADD = 1, MODE_SWIGLU = 2 };
+enum { MODE_PLAIN = 0, MODE_ADD = 1, MODE_SWIGLU = 2, MODE_GATED_PLAIN = 3 };
 
 typedef struct { /* one packed weight matrix; filled once from Python */
-    const float *w;    /* [panels][k][16]; SwiGLU: gate panel j at 2j, up panel j at 2j + 1 */
+    const float *w;    /* [panels][k][16]; gated: gate panel j at 2j, up panel j at 2j + 1 */
     const float *bias; /* [n_out] or NULL */
     int64_t panels;
     int64_t k;     /* input width */
-    int64_t n_out; /* outputs (SwiGLU: of one half) */
-    int32_t mode;
+    int64_t n_out; /* outputs (gated: of one half) */
+    int32_t mode;  /* gated matrices: MODE_SWIGLU, or MODE_GATED_PLAIN for [x.gate | x.up] */
 } PackedF32;
 
 /* y[m, n0:n0+16] for `rows` rows from m0, from the panel's sums acc[row][16] (and up[row][16]
@@ -199,6 +199,21 @@ static void epilogue(const PackedF32 *pw, const float *acc, const float *up, int
             }
         }
     }
+}
+
+/* A gated matrix's sums: silu(gate) * up into y, or (MODE_GATED_PLAIN) gate into columns
+   [0, n_out) and up into [n_out, 2 n_out) of y; any other matrix: `epilogue`. */
+static void finish(const PackedF32 *pw, const float *acc, const float *up, int64_t m0,
+                   int64_t rows, int64_t n0, const float *residual, int64_t res_stride, float *y,
+                   int64_t y_stride) {
+    if (pw->mode != MODE_GATED_PLAIN) {
+        epilogue(pw, acc, up, m0, rows, n0, residual, res_stride, y, y_stride);
+        return;
+    }
+    PackedF32 plain = *pw;
+    plain.mode = MODE_PLAIN;
+    epilogue(&plain, acc, NULL, m0, rows, n0, NULL, 0, y, y_stride);
+    epilogue(&plain, up, NULL, m0, rows, n0, NULL, 0, y + pw->n_out, y_stride);
 }
 
 /* rsqrt(mean(x^2) + eps) of one row, as HF's float32 RMSNorm computes it */
@@ -248,7 +263,7 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
                  float *y, int64_t y_stride, int32_t threads) {
     if (rows < 1) return -1;
     const int64_t k = pw->k;
-    const int swiglu = pw->mode == MODE_SWIGLU;
+    const int swiglu = pw->mode == MODE_SWIGLU || pw->mode == MODE_GATED_PLAIN; /* two halves */
     const int64_t units = swiglu ? pw->panels / 2 : pw->panels;
     const int64_t unit_floats = (swiglu ? 2 : 1) * k * PANEL;
     int64_t chunk = CHUNK_BYTES / (k * 4);
@@ -269,7 +284,7 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
             const float *wu = pw->w + u * unit_floats;
             row_dot(wu, a, k, acc);
             if (swiglu) row_dot(wu + k * PANEL, a, k, up);
-            epilogue(pw, acc, up, 0, 1, u * PANEL, residual, res_stride, y, y_stride);
+            finish(pw, acc, up, 0, 1, u * PANEL, residual, res_stride, y, y_stride);
         }
         free(a);
         return 0;
@@ -292,7 +307,7 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
                     }
                 }
             }
-            epilogue(pw, acc, up, r0, n, u * PANEL, residual, res_stride, y, y_stride);
+            finish(pw, acc, up, r0, n, u * PANEL, residual, res_stride, y, y_stride);
         }
     }
     free(a);

@@ -77,6 +77,8 @@ def test_gated_gemm_is_swiglu(rows: int, half: int) -> None:
     close(gemm(x, cpu_kernels_f32.MODE_SWIGLU), F.silu(gate) * up)
     gate, up = F.linear(rms_norm(x, norm, 1e-6), w).chunk(2, dim=-1)
     close(gemm(x, cpu_kernels_f32.MODE_SWIGLU, norm, 1e-6), F.silu(gate) * up)
+    close(gemm(x, cpu_kernels_f32.MODE_PLAIN), F.linear(x, w))  # the raw [gate | up] product
+    close(Linear(w, gated=True)(x), F.linear(x, w))  # as the CUDA model's path calls it
 
 
 @pytest.mark.parametrize(("n", "gated"), [(64, False), (130, False), (200, True), (192, True)])
