@@ -107,23 +107,31 @@ def build(compiler: str, source: str = SOURCE, flags: Sequence[str] = tuple(_FLA
     return target
 
 
+def compile_and_load(
+    source: str, flags: Sequence[str], signatures: dict[str, list[type]]
+) -> ctypes.CDLL | None:
+    """Build `source` (cached) with the C compiler ($CC, else cc or gcc) and load it with
+    `signatures` set; None where there is no compiler or the build or load fails."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler, source, flags)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot be built or run here."""
     if os.environ.get("PIE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx512_bf16():
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(compiler)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-    return lib
+    return compile_and_load(SOURCE, _FLAGS, _SIGNATURES)
 
 
 def usable(x: torch.Tensor) -> ctypes.CDLL | None:
@@ -133,7 +141,7 @@ def usable(x: torch.Tensor) -> ctypes.CDLL | None:
     return load()
 
 
-def _check(rc: int, what: str) -> None:
+def check(rc: int, what: str) -> None:
     if rc != 0:
         raise RuntimeError(f"{what} failed with code {rc}; set PIE_CPU_KERNELS=0 to use torch ops")
 
@@ -278,7 +286,7 @@ class PackedGemv:
             y.stride(0),
             torch.get_num_threads(),
         )
-        _check(rc, f"pie_gemv on {rows} rows (at most {MAX_ROWS})")
+        check(rc, f"pie_gemv on {rows} rows (at most {MAX_ROWS})")
         return y
 
 
@@ -341,7 +349,7 @@ def decode_attention(
         slots_ptr,
         torch.get_num_threads(),
     )
-    _check(rc, f"pie_decode_attention on q {list(q.shape)}")
+    check(rc, f"pie_decode_attention on q {list(q.shape)}")
     return out
 
 
@@ -355,7 +363,7 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     rc = lib.pie_rms_norm(
         x.data_ptr(), x.stride(0), rows, k, w.data_ptr(), eps, y.data_ptr(), k, threads
     )
-    _check(rc, "pie_rms_norm")
+    check(rc, "pie_rms_norm")
     return y
 
 
@@ -368,7 +376,7 @@ def swiglu(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     rc = lib.pie_swiglu(
         gate_up.data_ptr(), gate_up.stride(0), rows, half, y.data_ptr(), half, threads
     )
-    _check(rc, "pie_swiglu")
+    check(rc, "pie_swiglu")
     return y
 
 
@@ -395,5 +403,5 @@ def rope(
         y.data_ptr(),
         torch.get_num_threads(),
     )
-    _check(rc, "pie_rope")
+    check(rc, "pie_rope")
     return y

@@ -17,8 +17,6 @@ import ctypes
 import functools
 import os
 import platform
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
@@ -75,18 +73,7 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot be built or run here."""
     if os.environ.get("PIE_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2_fma():
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(cpu_kernels.build(compiler, SOURCE, _FLAGS)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-    return lib
+    return cpu_kernels.compile_and_load(SOURCE, _FLAGS, _SIGNATURES)
 
 
 def usable(x: torch.Tensor) -> ctypes.CDLL | None:
@@ -94,11 +81,6 @@ def usable(x: torch.Tensor) -> ctypes.CDLL | None:
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1:
         return None
     return load()
-
-
-def _check(rc: int, what: str) -> None:
-    if rc != 0:
-        raise RuntimeError(f"{what} failed with code {rc}; set PIE_CPU_KERNELS=0 to use torch ops")
 
 
 def _rows_ready(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +194,7 @@ class PackedF32Gemm:
             y.stride(0),
             torch.get_num_threads(),
         )
-        _check(rc, f"pie_f32_gemm on {rows} rows")
+        cpu_kernels.check(rc, f"pie_f32_gemm on {rows} rows")
         return y
 
 
@@ -275,7 +257,7 @@ def decode_attention(
         slots_ptr,
         torch.get_num_threads(),
     )
-    _check(rc, f"pie_f32_decode_attention on q {list(q.shape)}")
+    cpu_kernels.check(rc, f"pie_f32_decode_attention on q {list(q.shape)}")
     return out
 
 
@@ -303,5 +285,5 @@ def rope(
         y.data_ptr(),
         torch.get_num_threads(),
     )
-    _check(rc, "pie_f32_rope")
+    cpu_kernels.check(rc, "pie_f32_rope")
     return y

@@ -74,19 +74,19 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
 
    Several rows (BLIS's scheme, sized for 32 KiB L1 / 512 KiB L2): the inputs of a chunk of
    rows are packed into tiles of at most 6 rows, each [k][rows] so one tile's inputs for p are
-   adjacent; for each panel and each KC-input slice of it (16 KiB, stays in L1) every tile runs
+   adjacent; for each panel and each slice of at most KC inputs (16 KiB) every tile runs
    the micro-kernel, whose 2 x rows accumulators live in registers (named variables: GCC keeps
    an array of vectors in memory and stores it back every iteration, at half the speed). */
-#define KC 256          /* inputs per slice: a 16 KiB panel slice stays in L1 across tiles */
+#define KC 256          /* inputs per slice, at most; k is cut into equal slices (576: 3 x 192),
+                           as a short last slice costs ~10% (measured) */
 #define MAX_TILE 6      /* 12 accumulators + 2 weights + 1 input of the 16 ymm registers */
 #define CHUNK_BYTES (192 * 1024) /* packed inputs of one row chunk, kept in L2 */
 #define MAX_CHUNK 192   /* rows per chunk, at most (sums of a panel: 12 KiB on the stack) */
-/* Weights ahead of the micro-kernel to fetch into L2: one slice (floats). While the first tile
-   over a slice runs, the next slice is requested, and it arrives from memory while the other
-   tiles reuse the current one; the hardware prefetcher alone leaves the first tile of every
-   slice waiting (measured on a 2-core AVX2 EPYC, 32 rows, weights streamed from DRAM as in a
-   decode step: ~90 -> ~105 GFLOP/s; into L2 rather than L1, where the inputs live: 6% more). */
-#define PREFETCH (KC * PANEL)
+/* The micro-kernel fetches the weights one slice ahead into L2: while the first tile over a
+   slice runs, the next slice is requested, and it arrives from memory while the other tiles
+   reuse the current one; the hardware prefetcher alone leaves the first tile of every slice
+   waiting (measured on a 2-core AVX2 EPYC, 32 rows, weights streamed from DRAM as in a decode
+   step: ~90 -> ~105 GFLOP/s; into L2 rather than L1, where the inputs live: 6% more). */
 
 #define ROW_ACC(i)                                                                 \
     __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();           \
@@ -111,7 +111,7 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
         const int mt = MT; /* constant: the rows past it compile away */                         \
         ROW_ACC(0) ROW_ACC(1) ROW_ACC(2) ROW_ACC(3) ROW_ACC(4) ROW_ACC(5)                        \
         for (int64_t p = 0; p < kc; ++p) {                                                      \
-            _mm_prefetch((const char *)(w + p * PANEL + PREFETCH), _MM_HINT_T1);               \
+            _mm_prefetch((const char *)(w + p * PANEL + kc * PANEL), _MM_HINT_T1);             \
             const __m256 w0 = _mm256_loadu_ps(w + p * PANEL);                                   \
             const __m256 w1 = _mm256_loadu_ps(w + p * PANEL + 8);                               \
             ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)                   \
@@ -269,6 +269,7 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
     int64_t chunk = CHUNK_BYTES / (k * 4);
     chunk = chunk < MAX_TILE ? MAX_TILE : chunk > MAX_CHUNK ? MAX_CHUNK : chunk;
     const int64_t first_chunk = rows < chunk ? rows : chunk;
+    const int64_t slices = (k + KC - 1) / KC, slice = (k + slices - 1) / slices;
     float *a = (float *)aligned_alloc(64, (size_t)((first_chunk * k * 4 + 63) / 64 * 64));
     if (a == NULL) return -2;
     if (rows == 1) { /* streaming: one row against whole panels */
@@ -296,8 +297,8 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
         for (int64_t u = 0; u < units; ++u) {
             float acc[MAX_CHUNK * PANEL], up[MAX_CHUNK * PANEL];
             const float *wu = pw->w + u * unit_floats;
-            for (int64_t p0 = 0; p0 < k; p0 += KC) {
-                const int64_t kc = min64(KC, k - p0);
+            for (int64_t p0 = 0; p0 < k; p0 += slice) {
+                const int64_t kc = min64(slice, k - p0);
                 for (int64_t half = 0; half <= swiglu; ++half) {
                     const float *ws = wu + half * k * PANEL + p0 * PANEL;
                     float *sums = half ? up : acc;
@@ -384,6 +385,27 @@ static void attend(const float *q, int64_t q_stride_h, const float *k_cache,
    row, which streams from memory at a fraction of the bandwidth (measured: batch 32, 3 KV
    heads, 140 slots per sequence, 30 layers' caches: 0.83 -> 0.32 ms per layer on 2 cores).
    scores: heads * padded floats; acc: heads * dim floats. */
+/* Accumulators of attend_rows's V pass: row i (a query head) has 4 vectors of 8 outputs. */
+#define ROW_ACC4(i)                                                                \
+    __m256 v##i##0 = _mm256_setzero_ps(), v##i##1 = _mm256_setzero_ps();           \
+    __m256 v##i##2 = _mm256_setzero_ps(), v##i##3 = _mm256_setzero_ps();
+#define ROW_FMA4(i, probs)                                                         \
+    {                                                                              \
+        const __m256 pb = _mm256_set1_ps(probs[l]);                                \
+        v##i##0 = _mm256_fmadd_ps(pb, v0, v##i##0);                                \
+        v##i##1 = _mm256_fmadd_ps(pb, v1, v##i##1);                                \
+        v##i##2 = _mm256_fmadd_ps(pb, v2, v##i##2);                                \
+        v##i##3 = _mm256_fmadd_ps(pb, v3, v##i##3);                                \
+    }
+#define ROW_OUT4(i)                                                                \
+    if (gn > i) {                                                                  \
+        float *o = out + (kh * group + g0 + i) * dim + d0;                         \
+        _mm256_storeu_ps(o, v##i##0);                                              \
+        if (dn > 8) _mm256_storeu_ps(o + 8, v##i##1);                              \
+        if (dn > 16) _mm256_storeu_ps(o + 16, v##i##2);                            \
+        if (dn > 24) _mm256_storeu_ps(o + 24, v##i##3);                            \
+    }
+
 #ifndef PF_SLOTS
 #define PF_SLOTS 16
 #endif
@@ -433,24 +455,34 @@ static void attend_rows(const float *q, int64_t q_stride_h, const float *k_cache
         const float inv = total > 0.0f ? 1.0f / total : 0.0f;
         for (int64_t l = 0; l < padded; ++l) sh[l] *= inv; /* probabilities, as torch divides first */
     }
-    memset(acc, 0, (size_t)(heads * dim) * sizeof(float));
-    for (int64_t l = 0; l < len; ++l) {
-        const float *vr = v_cache + rows[l] * row_stride;
-        if (l + PF_SLOTS < len)
-            for (int64_t c = 0; c < row_stride; c += 16)
-                _mm_prefetch((const char *)(v_cache + rows[l + PF_SLOTS] * row_stride + c), _MM_HINT_T0);
-        for (int64_t h = 0; h < heads; ++h) {
-            const float p = scores[h * padded + l];
-            if (p == 0.0f) continue; /* masked */
-            const __m256 pv = _mm256_set1_ps(p);
-            const float *vh = vr + (h / group) * dim;
-            float *ah = acc + h * dim;
-            for (int64_t c = 0; c < chunks; ++c)
-                _mm256_storeu_ps(ah + 8 * c, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vh + 8 * c),
-                                                             _mm256_loadu_ps(ah + 8 * c)));
+    /* V: per KV head, up to 3 of its query heads and 32 outputs at a time, 12 accumulators in
+       registers; the first pass over the rows fetches them whole, the others find them in L2. */
+    const int64_t kv_heads = heads / group;
+    for (int64_t kh = 0; kh < kv_heads; ++kh)
+        for (int64_t g0 = 0; g0 < group; g0 += 3) {
+            const int64_t gn = min64(3, group - g0);
+            const float *p0 = scores + (kh * group + g0) * padded;
+            const float *p1 = gn > 1 ? p0 + padded : p0, *p2 = gn > 2 ? p0 + 2 * padded : p0;
+            for (int64_t d0 = 0; d0 < dim; d0 += 32) {
+                const int64_t dn = min64(32, dim - d0);
+                const int first = kh == 0 && g0 == 0 && d0 == 0;
+                ROW_ACC4(0) ROW_ACC4(1) ROW_ACC4(2)
+                for (int64_t l = 0; l < len; ++l) {
+                    if (first && l + PF_SLOTS < len)
+                        for (int64_t c = 0; c < row_stride; c += 16)
+                            _mm_prefetch((const char *)(v_cache + rows[l + PF_SLOTS] * row_stride + c),
+                                         _MM_HINT_T0);
+                    const float *vr = v_cache + rows[l] * row_stride + kh * dim + d0;
+                    const __m256 v0 = _mm256_loadu_ps(vr);
+                    const __m256 v1 = dn > 8 ? _mm256_loadu_ps(vr + 8) : v0;
+                    const __m256 v2 = dn > 16 ? _mm256_loadu_ps(vr + 16) : v0;
+                    const __m256 v3 = dn > 24 ? _mm256_loadu_ps(vr + 24) : v0;
+                    ROW_FMA4(0, p0) ROW_FMA4(1, p1) ROW_FMA4(2, p2)
+                }
+                ROW_OUT4(0) ROW_OUT4(1) ROW_OUT4(2)
+            }
         }
-    }
-    memcpy(out, acc, (size_t)(heads * dim) * sizeof(float));
+    (void)acc;
 }
 
 /* out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b for one new token per sequence b, where

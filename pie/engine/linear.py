@@ -4,8 +4,9 @@ CPU, bfloat16: up to GEMV_MAX_ROWS rows (decode of up to 64 sequences) run the k
 pie.engine.cpu_kernels, which also folds in the RMSNorm before and the residual add or SwiGLU
 after; more rows (prefill) run oneDNN's prepacked weights, ~1.4x faster than `F.linear` there.
 CPU, float32 (x86-64 with AVX2): every row count runs pie.engine.cpu_kernels_f32's packed GEMM
-with the same fusions; the packed copy is the only copy of the weight. Elsewhere, and wherever the kernels are missing, torch ops with the same meaning: the fused
-entry points (`norm=`, `residual=`, `swiglu`) give the same results on every path.
+with the same fusions; the packed copy is the only copy of the weight. Elsewhere, and wherever
+the kernels are missing, torch ops with the same meaning: the fused entry points (`norm=`,
+`residual=`, `swiglu`) give the same results on every path.
 """
 
 from __future__ import annotations
