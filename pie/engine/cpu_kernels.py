@@ -312,6 +312,25 @@ def decode_attention(
     """
     lib = load()
     assert lib is not None, "decode_attention needs the kernel library"
+    return call_decode_attention(
+        lib.pie_decode_attention, torch.bfloat16, q, k_cache, v_cache, kv_rows, kv_lens, mask,
+        scale, new,
+    )  # fmt: skip
+
+
+def call_decode_attention(
+    fn: Any,  # a C decode attention: pie_decode_attention's arguments
+    dtype: torch.dtype,  # of q, the caches and the output
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_rows: torch.Tensor,
+    kv_lens: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Lays out decode_attention's arguments for `fn` (shared by the bf16 and float32 kernels)."""
     batch, heads, dim = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -325,8 +344,8 @@ def decode_attention(
             v = v.contiguous()
         k_ptr, k_stride, v_ptr, v_stride = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
         slots_ptr = slot_rows.data_ptr()
-    out = torch.empty((batch, heads, dim), dtype=torch.bfloat16)
-    rc = lib.pie_decode_attention(
+    out = torch.empty((batch, heads, dim), dtype=dtype)
+    rc = fn(
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
@@ -349,7 +368,7 @@ def decode_attention(
         slots_ptr,
         torch.get_num_threads(),
     )
-    check(rc, f"pie_decode_attention on q {list(q.shape)}")
+    check(rc, f"decode attention on q {list(q.shape)}")
     return out
 
 

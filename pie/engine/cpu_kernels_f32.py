@@ -220,45 +220,10 @@ def decode_attention(
     """
     lib = load()
     assert lib is not None, "decode_attention needs the kernel library"
-    batch, heads, dim = q.shape
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    k_ptr = v_ptr = slots_ptr = None
-    k_stride = v_stride = 0
-    if new is not None:
-        k, v, slot_rows = new
-        if k.stride(-1) != 1 or k.stride(-2) != dim:  # rows of [KH, D] must be contiguous
-            k = k.contiguous()
-        if v.stride(-1) != 1 or v.stride(-2) != dim:
-            v = v.contiguous()
-        k_ptr, k_stride, v_ptr, v_stride = k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0)
-        slots_ptr = slot_rows.data_ptr()
-    out = torch.empty((batch, heads, dim), dtype=torch.float32)
-    rc = lib.pie_f32_decode_attention(
-        q.data_ptr(),
-        q.stride(0),
-        q.stride(1),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        kv_rows.data_ptr(),
-        kv_lens.data_ptr(),
-        None if mask is None else mask.data_ptr(),
-        batch,
-        heads,
-        k_cache.shape[1],
-        dim,
-        kv_rows.shape[1],
-        scale,
-        out.data_ptr(),
-        k_ptr,
-        k_stride,
-        v_ptr,
-        v_stride,
-        slots_ptr,
-        torch.get_num_threads(),
-    )
-    cpu_kernels.check(rc, f"pie_f32_decode_attention on q {list(q.shape)}")
-    return out
+    return cpu_kernels.call_decode_attention(
+        lib.pie_f32_decode_attention, torch.float32, q, k_cache, v_cache, kv_rows, kv_lens, mask,
+        scale, new,
+    )  # fmt: skip
 
 
 # ---- RoPE ------------------------------------------------------------------------------------------

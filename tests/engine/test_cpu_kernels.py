@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pie.engine import cpu_kernels
 from pie.engine.linear import Linear, rms_norm
 from pie.engine.model import apply_rope
+from tests.engine.attention_reference import reference_attention
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason="needs x86-64 AVX512-BF16 and a C compiler"
@@ -115,21 +116,6 @@ def test_rope_kernel_matches_apply_rope() -> None:
     assert got is not None
     want = apply_rope(x, cos[positions][:, None], sin[positions][:, None])
     assert torch.equal(got, want)
-
-
-def reference_attention(q, k_cache, v_cache, rows, lens, mask, scale):  # type: ignore[no-untyped-def]
-    batch, heads, dim = q.shape
-    group = heads // k_cache.shape[1]
-    out = torch.empty(batch, heads, dim)
-    for b in range(batch):
-        n = int(lens[b])
-        k, v = k_cache[rows[b, :n]].float(), v_cache[rows[b, :n]].float()  # [L, KH, D]
-        for h in range(heads):
-            s = (k[:, h // group] @ q[b, h].float()) * scale
-            if mask is not None:
-                s = s.masked_fill(~mask[b, :n], float("-inf"))
-            out[b, h] = torch.softmax(s, -1) @ v[:, h // group]
-    return out
 
 
 @pytest.mark.parametrize(

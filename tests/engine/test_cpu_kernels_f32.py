@@ -17,11 +17,13 @@ from pie.engine.attention import TorchAttention
 from pie.engine.linear import Linear, rms_norm
 from pie.engine.model import LlamaModel, apply_rope
 from pie.engine.request import ForwardBatch, SequenceForward
+from tests.engine.attention_reference import reference_attention
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels_f32.load() is None, reason="needs x86-64 AVX2 + FMA and a C compiler"
 )
 CPU = torch.device("cpu")
+F64 = torch.float64  # the reference attention's arithmetic
 
 
 def lib() -> Any:
@@ -121,21 +123,6 @@ def test_rope_kernel_matches_apply_rope_exactly() -> None:
     assert torch.equal(got, apply_rope(x, cos[positions][:, None], sin[positions][:, None]))
 
 
-def reference_attention(q, k_cache, v_cache, rows, lens, mask, scale):  # type: ignore[no-untyped-def]
-    batch, heads, dim = q.shape
-    group = heads // k_cache.shape[1]
-    out = torch.empty(batch, heads, dim)
-    for b in range(batch):
-        n = int(lens[b])
-        k, v = k_cache[rows[b, :n]].double(), v_cache[rows[b, :n]].double()  # [L, KH, D]
-        for h in range(heads):
-            s = (k[:, h // group] @ q[b, h].double()) * scale
-            if mask is not None:
-                s = s.masked_fill(~mask[b, :n], float("-inf"))
-            out[b, h] = (torch.softmax(s, -1) @ v[:, h // group]).float()
-    return out
-
-
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "dim", "l_max"),
     [
@@ -163,7 +150,7 @@ def test_decode_attention_matches_float64_reference(
         mask = torch.rand(batch, l_max, generator=gen) > 0.5
         mask[:, 0] = True
     got = cpu_kernels_f32.decode_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5)
-    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5), 2e-5)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5, F64), 2e-5)
 
 
 def test_decode_attention_writes_new_kv_before_reading() -> None:
@@ -182,7 +169,7 @@ def test_decode_attention_writes_new_kv_before_reading() -> None:
         q, k_cache, v_cache, rows, lens, None, 0.125, new=(k, v, slots)
     )
     assert torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v)
-    close(got, reference_attention(q, k_cache, v_cache, rows, lens, None, 0.125), 2e-5)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, None, 0.125, F64), 2e-5)
 
 
 @pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3"])
@@ -244,4 +231,4 @@ def test_decode_attention_paths_agree(threads: int) -> None:
         got = cpu_kernels_f32.decode_attention(q, k_cache, v_cache, rows, lens, mask, 0.125)
     finally:
         torch.set_num_threads(before)
-    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, 0.125), 2e-5)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, 0.125, F64), 2e-5)
