@@ -332,6 +332,22 @@ def call_decode_attention(
 ) -> torch.Tensor:
     """Lays out decode_attention's arguments for `fn` (shared by the bf16 and float32 kernels)."""
     batch, heads, dim = q.shape
+    if (
+        k_cache.shape != v_cache.shape
+        or k_cache.shape[2] != dim
+        or kv_rows.shape[0] != batch
+        or kv_lens.shape != (batch,)
+        or (mask is not None and mask.shape != kv_rows.shape)
+        or any(t.dtype != dtype for t in (q, k_cache, v_cache))
+        or kv_rows.dtype != torch.int64
+        or kv_lens.dtype != torch.int64
+        or (mask is not None and mask.dtype != torch.bool)
+    ):
+        raise ValueError(
+            f"decode attention: q {list(q.shape)}, caches {list(k_cache.shape)}, rows "
+            f"{list(kv_rows.shape)}, lens {list(kv_lens.shape)} do not fit together (or are not "
+            f"{dtype}, int64 rows and lens, a bool mask)"
+        )
     if q.stride(-1) != 1:
         q = q.contiguous()
     k_ptr = v_ptr = slots_ptr = None

@@ -2,7 +2,7 @@
 
 The float32 counterpart of pie.engine.cpu_kernels (which needs AVX512-BF16): the engine's
 default CPU dtype is float32 wherever bf16 has no hardware support, and there torch spends most
-of a decode step in one- to few-row float32 GEMMs that stream weights at a third of the
+of a decode step in one- to few-row float32 GEMMs that stream weights at well under half the
 memory's speed, plus ~40 small ops per layer. `PackedF32Gemm` multiplies any number of rows by
 a weight packed into 16-output panels (one sequential stream per thread) and folds the RMSNorm
 before and the residual add or SwiGLU after into the same call; `decode_attention` attends one
@@ -169,7 +169,15 @@ class PackedF32Gemm:
         eps: float = 0.0,
         residual: torch.Tensor | None = None,  # [M, N] float32, for MODE_ADD
     ) -> torch.Tensor:  # [M, n_out] float32 ([M, 2 n_out] for MODE_PLAIN on a gated matrix)
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"x {list(x.shape)} does not match a weight of {self.in_features} inputs"
+            )
         rows = x.shape[0]
+        if (mode == MODE_ADD) != (residual is not None) or (
+            residual is not None and tuple(residual.shape) != (rows, self.n_out)
+        ):
+            raise ValueError(f"MODE_ADD takes a residual [{rows}, {self.n_out}], other modes none")
         width = self.n_out
         if self.gated and mode == MODE_PLAIN:  # the raw [gate | up] products
             mode, width = _MODE_GATED_PLAIN, 2 * self.n_out

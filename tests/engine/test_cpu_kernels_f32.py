@@ -232,3 +232,24 @@ def test_decode_attention_paths_agree(threads: int) -> None:
     finally:
         torch.set_num_threads(before)
     close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, 0.125, F64), 2e-5)
+
+
+def test_gemm_refuses_mismatched_shapes_before_reading_memory() -> None:
+    gemm = cpu_kernels_f32.PackedF32Gemm(lib(), torch.randn(32, 16), None, gated=False)
+    with pytest.raises(ValueError, match="16 inputs"):
+        gemm(torch.randn(2, 15), cpu_kernels_f32.MODE_PLAIN)
+    with pytest.raises(ValueError, match="residual"):
+        gemm(torch.randn(2, 16), cpu_kernels_f32.MODE_ADD)  # no residual
+    with pytest.raises(ValueError, match="residual"):
+        gemm(torch.randn(2, 16), cpu_kernels_f32.MODE_ADD, residual=torch.randn(2, 31))
+
+
+def test_decode_attention_refuses_mismatched_arguments() -> None:
+    cache = torch.zeros(64, 2, 32)
+    q, rows, lens = torch.randn(3, 4, 32), torch.zeros(3, 5, dtype=torch.long), torch.ones(3).long()
+    with pytest.raises(ValueError, match="do not fit together"):
+        cpu_kernels_f32.decode_attention(q, cache, cache, rows[:2], lens, None, 0.1)
+    with pytest.raises(ValueError, match="do not fit together"):
+        cpu_kernels_f32.decode_attention(q, cache, cache, rows.int(), lens, None, 0.1)
+    with pytest.raises(ValueError, match="do not fit together"):
+        cpu_kernels_f32.decode_attention(q.double(), cache, cache, rows, lens, None, 0.1)
