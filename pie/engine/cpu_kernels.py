@@ -59,19 +59,25 @@ class _PackedWeight(ctypes.Structure):
     ]
 
 
+# Argument types shared by the bf16 kernels here and the float32 ones (cpu_kernels_f32), whose
+# entry points take the same arguments in their own dtype.
+# after the packed weight: x, x_stride, rows, norm_w, eps, residual, res_stride, y, y_stride, threads
+GEMM_ARGS: list[type] = [_P, _I64, _I64, _P, _F32, _P, _I64, _P, _I64, _I32]
+# q, q_stride_b, q_stride_h, k_cache, v_cache, kv_rows, kv_lens, mask, batch, heads, kv_heads,
+# dim, l_max, scale, out, k_new, k_new_stride, v_new, v_new_stride, slot_rows, threads
+DECODE_ATTENTION_ARGS: list[type] = [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64,
+                                     _I64, _F32, _P, _P, _I64, _P, _I64, _P, _I32]  # fmt: skip
+# x, x_stride, tokens, heads, dim, positions, cos, sin, y, threads
+ROPE_ARGS: list[type] = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I32]
+
 _SIGNATURES: dict[str, list[type]] = {
-    # pw, x, x_stride, rows, norm_w, eps, residual, res_stride, y, y_stride, threads
-    "pie_gemv": [ctypes.POINTER(_PackedWeight), _P, _I64, _I64, _P, _F32, _P, _I64, _P, _I64, _I32],
-    # q, q_stride_b, q_stride_h, k_cache, v_cache, kv_rows, kv_lens, mask, batch, heads, kv_heads,
-    # dim, l_max, scale, out, k_new, k_new_stride, v_new, v_new_stride, slot_rows, threads
-    "pie_decode_attention": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32,
-                             _P, _P, _I64, _P, _I64, _P, _I32],
+    "pie_gemv": [ctypes.POINTER(_PackedWeight), *GEMM_ARGS],
+    "pie_decode_attention": DECODE_ATTENTION_ARGS,
     # x, x_stride, rows, k, w, eps, y, y_stride, threads
     "pie_rms_norm": [_P, _I64, _I64, _I64, _P, _F32, _P, _I64, _I32],
     # gu, gu_stride, rows, half, y, y_stride, threads
     "pie_swiglu": [_P, _I64, _I64, _I64, _P, _I64, _I32],
-    # x, x_stride, tokens, heads, dim, positions, cos, sin, y, threads
-    "pie_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I32],
+    "pie_rope": ROPE_ARGS,
 }  # fmt: skip
 
 
@@ -262,32 +268,55 @@ class PackedGemv:
         eps: float = 0.0,
         residual: torch.Tensor | None = None,  # [M, N] bf16, for MODE_ADD
     ) -> torch.Tensor:  # [M, n_out] bf16
-        rows = x.shape[0]
-        y = torch.empty((rows, self.n_out), dtype=torch.bfloat16)
-        if rows == 0:  # a forward that asks for no outputs reaches the LM head with no rows
-            return y
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        res_ptr, res_stride = None, 0
-        if residual is not None:
-            if residual.stride(-1) != 1:
-                residual = residual.contiguous()
-            res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
-        rc = self._fn(
+        y = torch.empty((x.shape[0], self.n_out), dtype=torch.bfloat16)
+        return call_gemm(
+            self._fn,
             self._refs[mode],
-            x.data_ptr(),
-            x.stride(0),
-            rows,
-            None if norm is None else norm.data_ptr(),
+            x,
+            norm,
             eps,
-            res_ptr,
-            res_stride,
-            y.data_ptr(),
-            y.stride(0),
-            torch.get_num_threads(),
+            residual,
+            y,
+            f"pie_gemv (at most {MAX_ROWS} rows)",
         )
-        check(rc, f"pie_gemv on {rows} rows (at most {MAX_ROWS})")
+
+
+def call_gemm(
+    fn: Any,  # a C weight matmul: pie_gemv's arguments
+    weight: Any,  # ctypes reference to the packed weight's spec
+    x: torch.Tensor,  # [M, K] in the kernel's dtype
+    norm: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,  # [M, N]
+    y: torch.Tensor,  # [M, N'] output, contiguous
+    what: str,
+) -> torch.Tensor:
+    """Lays out a packed matmul's arguments for `fn` (shared by the bf16 and float32 kernels)."""
+    rows = x.shape[0]
+    if rows == 0:  # a forward that asks for no outputs reaches the LM head with no rows
         return y
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    res_ptr, res_stride = None, 0
+    if residual is not None:
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
+    rc = fn(
+        weight,
+        x.data_ptr(),
+        x.stride(0),
+        rows,
+        None if norm is None else norm.data_ptr(),
+        eps,
+        res_ptr,
+        res_stride,
+        y.data_ptr(),
+        y.stride(0),
+        torch.get_num_threads(),
+    )
+    check(rc, f"{what} on {rows} rows")
+    return y
 
 
 # ---- attention -------------------------------------------------------------------------------------
@@ -422,11 +451,26 @@ def rope(
     cos: torch.Tensor,  # [max_position, D] bf16 table
     sin: torch.Tensor,  # [max_position, D] bf16 table, first half negated
 ) -> torch.Tensor | None:  # [T, heads, D] contiguous, or None where the kernel does not take x
-    tokens, heads, dim = x.shape
-    if dim % 32 or x.stride(1) != dim or not positions.is_contiguous():
+    if x.shape[2] % 32:
         return None
-    y = torch.empty((tokens, heads, dim), dtype=torch.bfloat16)
-    rc = lib.pie_rope(
+    return call_rope(lib.pie_rope, torch.bfloat16, x, positions, cos, sin)
+
+
+def call_rope(
+    fn: Any,  # a C RoPE: pie_rope's arguments
+    dtype: torch.dtype,  # of x, the tables and the output
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor | None:
+    """Lays out rope's arguments for `fn` (shared by the bf16 and float32 kernels); None where
+    the kernel does not take x (heads not D apart, D not contiguous)."""
+    tokens, heads, dim = x.shape
+    if x.stride(1) != dim or x.stride(2) != 1 or not positions.is_contiguous():
+        return None
+    y = torch.empty((tokens, heads, dim), dtype=dtype)
+    rc = fn(
         x.data_ptr(),
         x.stride(0),
         tokens,
@@ -438,5 +482,5 @@ def rope(
         y.data_ptr(),
         torch.get_num_threads(),
     )
-    check(rc, "pie_rope")
+    check(rc, "rope")
     return y

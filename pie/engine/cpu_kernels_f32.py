@@ -32,7 +32,7 @@ _MODE_GATED_PLAIN = 3  # what MODE_PLAIN runs on a gated matrix: [x @ gate.T | x
 # epilogues round exactly as torch's separate float32 ops do.
 _FLAGS = ("-O3", "-shared", "-fPIC", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp")
 
-_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
 class _PackedF32(ctypes.Structure):
@@ -46,16 +46,11 @@ class _PackedF32(ctypes.Structure):
     ]
 
 
-_SIGNATURES: dict[str, list[type]] = {
-    # pw, x, x_stride, rows, norm_w, eps, residual, res_stride, y, y_stride, threads
-    "pie_f32_gemm": [ctypes.POINTER(_PackedF32), _P, _I64, _I64, _P, _F32, _P, _I64, _P, _I64, _I32],
-    # q, q_stride_b, q_stride_h, k_cache, v_cache, kv_rows, kv_lens, mask, batch, heads, kv_heads,
-    # dim, l_max, scale, out, k_new, k_new_stride, v_new, v_new_stride, slot_rows, threads
-    "pie_f32_decode_attention": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64,
-                                 _F32, _P, _P, _I64, _P, _I64, _P, _I32],
-    # x, x_stride, tokens, heads, dim, positions, cos, sin, y, threads
-    "pie_f32_rope": [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I32],
-}  # fmt: skip
+_SIGNATURES: dict[str, list[type]] = {  # the bf16 kernels' arguments, in float32
+    "pie_f32_gemm": [ctypes.POINTER(_PackedF32), *cpu_kernels.GEMM_ARGS],
+    "pie_f32_decode_attention": cpu_kernels.DECODE_ATTENTION_ARGS,
+    "pie_f32_rope": cpu_kernels.ROPE_ARGS,
+}
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -182,28 +177,11 @@ class PackedF32Gemm:
         if self.gated and mode == MODE_PLAIN:  # the raw [gate | up] products
             mode, width = _MODE_GATED_PLAIN, 2 * self.n_out
         y = torch.empty((rows, width), dtype=torch.float32)
-        if rows == 0:  # a forward that asks for no outputs reaches the LM head with no rows
-            return y
         x = _rows_ready(x)
-        res_ptr, res_stride = None, 0
-        if residual is not None:
-            residual = _rows_ready(residual)
-            res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
-        rc = self._fn(
-            self._refs[mode],
-            x.data_ptr(),
-            x.stride(0),
-            rows,
-            None if norm is None else norm.data_ptr(),
-            eps,
-            res_ptr,
-            res_stride,
-            y.data_ptr(),
-            y.stride(0),
-            torch.get_num_threads(),
+        residual = None if residual is None else _rows_ready(residual)
+        return cpu_kernels.call_gemm(
+            self._fn, self._refs[mode], x, norm, eps, residual, y, "pie_f32_gemm"
         )
-        cpu_kernels.check(rc, f"pie_f32_gemm on {rows} rows")
-        return y
 
 
 # ---- attention -------------------------------------------------------------------------------------
@@ -242,21 +220,6 @@ def rope(
     cos: torch.Tensor,  # [max_position, D] float32 table
     sin: torch.Tensor,  # [max_position, D] float32 table, first half negated
 ) -> torch.Tensor | None:  # [T, heads, D] contiguous, or None where the kernel does not take x
-    tokens, heads, dim = x.shape
-    if dim % 16 or x.stride(1) != dim or x.stride(2) != 1 or not positions.is_contiguous():
+    if x.shape[2] % 16:
         return None
-    y = torch.empty((tokens, heads, dim), dtype=torch.float32)
-    rc = lib.pie_f32_rope(
-        x.data_ptr(),
-        x.stride(0),
-        tokens,
-        heads,
-        dim,
-        positions.data_ptr(),
-        cos.data_ptr(),
-        sin.data_ptr(),
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    cpu_kernels.check(rc, "pie_f32_rope")
-    return y
+    return cpu_kernels.call_rope(lib.pie_f32_rope, torch.float32, x, positions, cos, sin)

@@ -317,6 +317,27 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
 
 /* ---- decode attention over paged KV ---------------------------------------------------------- */
 
+/* One head's scores s[0, padded) -> e^(s - max) in place, masked (mask[l] == 0) and padding
+   (l >= len) slots exactly 0; returns 1 / sum (0 when nothing is attended). */
+static float softmax_exp(float *s, int64_t len, int64_t padded, const uint8_t *mask) {
+    for (int64_t l = len; l < padded; ++l) s[l] = -INFINITY;
+    if (mask != NULL)
+        for (int64_t l = 0; l < len; ++l)
+            if (!mask[l]) s[l] = -INFINITY;
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    for (int64_t l = 0; l < padded; l += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(s + l));
+    float top = hmax8(best);
+    if (top == -INFINITY) top = 0.0f; /* nothing to attend: all weights 0, output 0 */
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t l = 0; l < padded; l += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(s + l, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    const float total = hsum8(sum);
+    return total > 0.0f ? 1.0f / total : 0.0f;
+}
+
 /* One (sequence, KV head): scores of the `group` query heads that share it, softmax, then the
    probability-weighted sum of V rows. Cache rows are row_stride floats apart, and k/v point at
    this KV head's column; rows[l] is the cache row of slot l. scores: group * padded floats. */
@@ -342,27 +363,9 @@ static void attend(const float *q, int64_t q_stride_h, const float *k_cache,
                              _mm256_mul_ps(transpose_sum8(part), _mm256_set1_ps(scale)));
         }
     }
-    for (int64_t g = 0; g < group; ++g) { /* masked and padding slots -> -inf */
-        float *sg = scores + g * padded;
-        for (int64_t l = len; l < padded; ++l) sg[l] = -INFINITY;
-        if (mask != NULL)
-            for (int64_t l = 0; l < len; ++l)
-                if (!mask[l]) sg[l] = -INFINITY;
-    }
     for (int64_t g = 0; g < group; ++g) {
         float *sg = scores + g * padded;
-        __m256 best = _mm256_set1_ps(-INFINITY);
-        for (int64_t l = 0; l < padded; l += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sg + l));
-        float top = hmax8(best);
-        if (top == -INFINITY) top = 0.0f; /* nothing to attend: all weights 0, output 0 */
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t l = 0; l < padded; l += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + l), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(sg + l, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        const float total = hsum8(sum);
-        const __m256 inv = _mm256_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+        const __m256 inv = _mm256_set1_ps(softmax_exp(sg, len, padded, mask));
         for (int64_t c0 = 0; c0 < chunks; c0 += 8) { /* 64 outputs at a time stay in registers */
             const int64_t cn = min64(8, chunks - c0);
             __m256 acc[8];
@@ -435,25 +438,10 @@ static void attend_rows(const float *q, int64_t q_stride_h, const float *k_cache
                              _mm256_mul_ps(transpose_sum8(part), _mm256_set1_ps(scale)));
         }
     }
-    for (int64_t h = 0; h < heads; ++h) { /* masked and padding slots -> -inf, then softmax */
+    for (int64_t h = 0; h < heads; ++h) { /* probabilities, as torch divides first */
         float *sh = scores + h * padded;
-        for (int64_t l = len; l < padded; ++l) sh[l] = -INFINITY;
-        if (mask != NULL)
-            for (int64_t l = 0; l < len; ++l)
-                if (!mask[l]) sh[l] = -INFINITY;
-        __m256 best = _mm256_set1_ps(-INFINITY);
-        for (int64_t l = 0; l < padded; l += 8) best = _mm256_max_ps(best, _mm256_loadu_ps(sh + l));
-        float top = hmax8(best);
-        if (top == -INFINITY) top = 0.0f;
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t l = 0; l < padded; l += 8) {
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sh + l), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(sh + l, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        const float total = hsum8(sum);
-        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-        for (int64_t l = 0; l < padded; ++l) sh[l] *= inv; /* probabilities, as torch divides first */
+        const float inv = softmax_exp(sh, len, padded, mask);
+        for (int64_t l = 0; l < padded; ++l) sh[l] *= inv;
     }
     /* V: per KV head, up to 3 of its query heads and 32 outputs at a time, 12 accumulators in
        registers; the first pass over the rows fetches them whole, the others find them in L2. */
