@@ -72,15 +72,17 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
    so one broadcast input and two FMAs update 16 sums. Panels are contiguous, so a thread's
    share of a matrix is one sequential stream.
 
-   Several rows (BLIS's scheme, sized for 32 KiB L1 / 512 KiB L2): the inputs of a chunk of
-   rows are packed into tiles of at most 6 rows, each [k][rows] so one tile's inputs for p are
-   adjacent; for each panel and each slice of at most KC inputs (16 KiB) every tile runs
-   the micro-kernel, whose 2 x rows accumulators live in registers (named variables: GCC keeps
-   an array of vectors in memory and stores it back every iteration, at half the speed). */
+   Several rows (BLIS's scheme, sized for 32 KiB L1 / 512 KiB L2): the rows of a chunk are
+   cut into tiles of at most 6 rows; for each panel and each slice of at most KC inputs
+   (16 KiB) every tile runs the micro-kernel, whose 2 x rows accumulators live in registers
+   (named variables: GCC keeps an array of vectors in memory and stores it back every
+   iteration, at half the speed). The micro-kernel broadcasts each row's inputs from the row
+   itself (six sequential streams), so inputs are read in place, or from one normalized copy
+   when an RMSNorm comes first: no transposed packing, which cost a serial ~30 us a call. */
 #define KC 256          /* inputs per slice, at most; k is cut into equal slices (576: 3 x 192),
                            as a short last slice costs ~10% (measured) */
 #define MAX_TILE 6      /* 12 accumulators + 2 weights + 1 input of the 16 ymm registers */
-#define CHUNK_BYTES (192 * 1024) /* packed inputs of one row chunk, kept in L2 */
+#define CHUNK_BYTES (192 * 1024) /* inputs of one row chunk, kept in L2 */
 #define MAX_CHUNK 192   /* rows per chunk, at most (sums of a panel: 12 KiB on the stack) */
 /* The micro-kernel fetches the weights one slice ahead into L2: while the first tile over a
    slice runs, the next slice is requested, and it arrives from memory while the other tiles
@@ -96,7 +98,7 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
     }
 #define ROW_FMA(i)                                                                 \
     if (mt > i) {                                                                  \
-        const __m256 b = _mm256_broadcast_ss(a + p * mt + i);                      \
+        const __m256 b = _mm256_broadcast_ss(a + i * lda + p);                     \
         c##i##0 = _mm256_fmadd_ps(w0, b, c##i##0);                                 \
         c##i##1 = _mm256_fmadd_ps(w1, b, c##i##1);                                 \
     }
@@ -105,9 +107,11 @@ static inline float silu1(float g) { return g / (1.0f + expf(-g)); }
         _mm256_storeu_ps(c + i * PANEL, c##i##0);                                  \
         _mm256_storeu_ps(c + i * PANEL + 8, c##i##1);                              \
     }
-/* c[MT][16] (+)= a[kc][MT] . w[kc][16]; `first` starts the sums at 0 */
+/* c[MT][16] (+)= a[MT][kc] . w[kc][16], rows of a lda floats apart; `first` starts the sums
+   at 0 */
 #define DEFINE_MICRO(MT)                                                                        \
-    static void micro_##MT(const float *w, const float *a, int64_t kc, int first, float *c) {   \
+    static void micro_##MT(const float *w, const float *a, int64_t lda, int64_t kc, int first,  \
+                           float *c) {                                                          \
         const int mt = MT; /* constant: the rows past it compile away */                         \
         ROW_ACC(0) ROW_ACC(1) ROW_ACC(2) ROW_ACC(3) ROW_ACC(4) ROW_ACC(5)                        \
         for (int64_t p = 0; p < kc; ++p) {                                                      \
@@ -126,14 +130,15 @@ DEFINE_MICRO(4)
 DEFINE_MICRO(5)
 DEFINE_MICRO(6)
 
-static void micro(const float *w, const float *a, int64_t kc, int64_t mt, int first, float *c) {
+static void micro(const float *w, const float *a, int64_t lda, int64_t kc, int64_t mt, int first,
+                  float *c) {
     switch (mt) {
-        case 6: micro_6(w, a, kc, first, c); break;
-        case 5: micro_5(w, a, kc, first, c); break;
-        case 4: micro_4(w, a, kc, first, c); break;
-        case 3: micro_3(w, a, kc, first, c); break;
-        case 2: micro_2(w, a, kc, first, c); break;
-        default: micro_1(w, a, kc, first, c); break;
+        case 6: micro_6(w, a, lda, kc, first, c); break;
+        case 5: micro_5(w, a, lda, kc, first, c); break;
+        case 4: micro_4(w, a, lda, kc, first, c); break;
+        case 3: micro_3(w, a, lda, kc, first, c); break;
+        case 2: micro_2(w, a, lda, kc, first, c); break;
+        default: micro_1(w, a, lda, kc, first, c); break;
     }
 }
 
@@ -237,22 +242,21 @@ static int64_t tile_start(int64_t n, int64_t t) {
     return t * base + (t < extra ? t : extra);
 }
 
-/* Packs rows [r0, r0 + n) of x, normalized when norm_w is given, into tiles: the tile from row
-   s with mt rows is a[s * k ...] laid out [k][mt]. */
-static void pack_rows(const float *x, int64_t x_stride, int64_t r0, int64_t n, int64_t k,
-                      const float *norm_w, float eps, float *a) {
-    for (int64_t t = 0; t < tile_count(n); ++t) {
-        const int64_t s = tile_start(n, t), mt = tile_start(n, t + 1) - s;
-        float *at = a + s * k;
-        for (int64_t i = 0; i < mt; ++i) {
-            const float *xi = x + (r0 + s + i) * x_stride;
-            if (norm_w != NULL) {
-                const float r = norm_scale(xi, k, eps);
-                for (int64_t p = 0; p < k; ++p) at[p * mt + i] = norm_w[p] * (xi[p] * r);
-            } else {
-                for (int64_t p = 0; p < k; ++p) at[p * mt + i] = xi[p];
-            }
-        }
+/* Rows [0, rows) of x, RMS-normalized, into a (rows k floats apart), as HF's float32 RMSNorm
+   rounds: w * (x * r). */
+static void normalize_rows(const float *x, int64_t x_stride, int64_t rows, int64_t k,
+                           const float *norm_w, float eps, float *a, int32_t threads) {
+#pragma omp parallel for num_threads(rows >= 64 ? threads : 1) schedule(static)
+    for (int64_t m = 0; m < rows; ++m) {
+        const float *xm = x + m * x_stride;
+        float *am = a + m * k;
+        const float r = norm_scale(xm, k, eps);
+        const __m256 rv = _mm256_set1_ps(r);
+        int64_t p = 0;
+        for (; p + 8 <= k; p += 8)
+            _mm256_storeu_ps(am + p, _mm256_mul_ps(_mm256_loadu_ps(norm_w + p),
+                                                   _mm256_mul_ps(_mm256_loadu_ps(xm + p), rv)));
+        for (; p < k; ++p) am[p] = norm_w[p] * (xm[p] * r);
     }
 }
 
@@ -268,17 +272,18 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
     const int64_t unit_floats = (swiglu ? 2 : 1) * k * PANEL;
     int64_t chunk = CHUNK_BYTES / (k * 4);
     chunk = chunk < MAX_TILE ? MAX_TILE : chunk > MAX_CHUNK ? MAX_CHUNK : chunk;
-    const int64_t first_chunk = rows < chunk ? rows : chunk;
     const int64_t slices = (k + KC - 1) / KC, slice = (k + slices - 1) / slices;
-    float *a = (float *)aligned_alloc(64, (size_t)((first_chunk * k * 4 + 63) / 64 * 64));
-    if (a == NULL) return -2;
+    const float *a = x; /* the inputs the kernel reads: x, or its normalized copy */
+    int64_t lda = x_stride;
+    float *normed = NULL;
+    if (norm_w != NULL) {
+        normed = (float *)aligned_alloc(64, (size_t)((rows * k * 4 + 63) / 64 * 64));
+        if (normed == NULL) return -2;
+        normalize_rows(x, x_stride, rows, k, norm_w, eps, normed, threads);
+        a = normed;
+        lda = k;
+    }
     if (rows == 1) { /* streaming: one row against whole panels */
-        if (norm_w != NULL) {
-            const float r = norm_scale(x, k, eps);
-            for (int64_t p = 0; p < k; ++p) a[p] = norm_w[p] * (x[p] * r);
-        } else {
-            memcpy(a, x, (size_t)k * 4);
-        }
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             float acc[PANEL], up[PANEL];
@@ -287,12 +292,12 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
             if (swiglu) row_dot(wu + k * PANEL, a, k, up);
             finish(pw, acc, up, 0, 1, u * PANEL, residual, res_stride, y, y_stride);
         }
-        free(a);
+        free(normed);
         return 0;
     }
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
         const int64_t n = min64(chunk, rows - r0), tiles = tile_count(n);
-        pack_rows(x, x_stride, r0, n, k, norm_w, eps, a);
+        const float *ac = a + r0 * lda;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             float acc[MAX_CHUNK * PANEL], up[MAX_CHUNK * PANEL];
@@ -304,14 +309,14 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
                     float *sums = half ? up : acc;
                     for (int64_t t = 0; t < tiles; ++t) {
                         const int64_t s = tile_start(n, t), mt = tile_start(n, t + 1) - s;
-                        micro(ws, a + s * k + p0 * mt, kc, mt, p0 == 0, sums + s * PANEL);
+                        micro(ws, ac + s * lda + p0, lda, kc, mt, p0 == 0, sums + s * PANEL);
                     }
                 }
             }
             finish(pw, acc, up, r0, n, u * PANEL, residual, res_stride, y, y_stride);
         }
     }
-    free(a);
+    free(normed);
     return 0;
 }
 

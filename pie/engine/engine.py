@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pie.engine import sampling
+from pie.engine import cpu_kernels, sampling
 from pie.engine.attention import ATTENTION_BACKENDS, sequence_cache_rows
 from pie.engine.errors import InvalidBatchError
 from pie.engine.loader import load_model
@@ -65,11 +65,14 @@ class Engine:
         self.dtype = model.dtype
         self.attention: AttentionBackend = attention or ATTENTION_BACKENDS["torch"]()
         # [layers, K/V, pages, page_size, kv_heads, head_dim]
-        self.kv_cache = torch.zeros(
-            (cfg.num_layers, 2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim),
-            dtype=model.dtype,
-            device=model.device,
-        )
+        shape = (cfg.num_layers, 2, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        if model.device.type == "cpu":
+            # Decode attention streams every sequence's pages each step: in 2 MiB pages the
+            # hardware prefetcher is not stopped at every 4 KiB boundary (measured, batch 32,
+            # float32 SmolLM2: attention ~10% faster, a plain read of the pages 15 -> 19 GB/s).
+            self.kv_cache = cpu_kernels.huge_page_zeros(shape, model.dtype)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=model.device)
 
     @classmethod
     def load(
@@ -85,8 +88,8 @@ class Engine:
         """Load a GGUF file or HF folder (None: the embedded SmolLM2) onto `device`."""
         dev = torch.device(device)
         loaded = load_model(model)
-        if loaded.gguf_reader is not None:
-            tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)
+        if loaded.gguf_file is not None:
+            tokenizer = Tokenizer.from_gguf(loaded.gguf_file)
         else:
             tokenizer = Tokenizer.from_hf_folder(loaded.source)
         backend_name = attention or ("triton" if dev.type == "cuda" else "torch")

@@ -1,4 +1,4 @@
-"""Weight loading: GGUF files (via `gguf`) and HF folders (config.json + *.safetensors).
+"""Weight loading: GGUF files (pie.engine.gguf_file) and HF folders (config.json + *.safetensors).
 
 Both produce a `ModelConfig` and a dict of float32 CPU tensors under our canonical names
 (`embed`, `final_norm`, `lm_head`, `layers.{i}.wq` ...), so the model never sees file formats.
@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pie.engine.config import ModelConfig, config_from_gguf, config_from_hf
 from pie.engine.errors import ModelLoadError
+from pie.engine.gguf_file import GGUFFile, read_gguf
+from pie.engine.gguf_tensors import dequantize
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -52,7 +53,7 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     source: Path
-    gguf_reader: Any | None = None  # kept so the tokenizer reads the same file once
+    gguf_file: GGUFFile | None = None  # kept so the tokenizer reads the same header once
 
 
 def default_model_path() -> Path:
@@ -78,39 +79,17 @@ def load_model(path: str | os.PathLike[str] | None = None) -> LoadedModel:
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the gguf package raises plain ValueErrors on corrupt files
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
-    meta: dict[str, Any] = {}
-    for key, fld in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
-            continue  # large arrays: the tokenizer reads them itself
-        try:
-            meta[key] = fld.contents()
-        except Exception:  # unusual field types carry nothing we need
-            continue
-    tensors = {t.name: t for t in reader.tensors}
+    parsed = read_gguf(path)
+    meta = parsed.metadata
+    tensors = parsed.tensors
     name = str(meta.get("general.name") or path.stem)
     if path.name == DEFAULT_GGUF_NAME:
         name = DEFAULT_MODEL_NAME
-    if "llama.vocab_size" not in meta and "tokenizer.ggml.tokens" in reader.fields:
-        meta[f"{meta.get('general.architecture')}.vocab_size"] = len(
-            reader.fields["tokenizer.ggml.tokens"].data
-        )
     config = config_from_gguf(meta, has_output_tensor="output.weight" in tensors, name=name)
 
     def read(gguf_name: str) -> torch.Tensor | None:
         t = tensors.get(gguf_name)
-        if t is None:
-            return None
-        array = dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(
-            np.array(array, dtype=np.float32)
-        )  # a copy: the file is mapped read-only
+        return None if t is None else dequantize(t.data, t.tensor_type)
 
     weights = _collect(config, lambda pair: read(pair[0]), str(path))
     if config.family in ("llama", "mistral"):
@@ -119,7 +98,7 @@ def _load_gguf(path: Path) -> LoadedModel:
         for i in range(config.num_layers):
             weights[f"layers.{i}.wq"] = _unpermute(weights[f"layers.{i}.wq"], config.num_heads)
             weights[f"layers.{i}.wk"] = _unpermute(weights[f"layers.{i}.wk"], config.num_kv_heads)
-    return LoadedModel(config, weights, path, gguf_reader=reader)
+    return LoadedModel(config, weights, path, gguf_file=parsed)
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

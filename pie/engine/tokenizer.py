@@ -15,13 +15,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import gguf
 import jinja2
+import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from pie.engine.errors import ModelLoadError
+from pie.engine.gguf_file import GGUFFile, read_gguf
 
 # Special tokens that end a turn in the families we load; they stop generation when present.
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
@@ -96,10 +97,10 @@ class Tokenizer:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_gguf(cls, source: str | os.PathLike[str] | Any) -> Tokenizer:
-        """Build from a GGUF file (path or an open `gguf.GGUFReader`): gpt2-style BPE only."""
-        reader = source if hasattr(source, "fields") else gguf.GGUFReader(Path(source))
-        meta = _GGUFMeta(reader)
+    def from_gguf(cls, source: str | os.PathLike[str] | GGUFFile) -> Tokenizer:
+        """Build from a GGUF file (path or one `read_gguf` parsed): gpt2-style BPE only."""
+        parsed = source if isinstance(source, GGUFFile) else read_gguf(Path(source))
+        meta = _GGUFMeta(parsed.metadata)
         kind = meta.scalar("tokenizer.ggml.model", "")
         if kind != "gpt2":
             raise ModelLoadError(
@@ -293,24 +294,25 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 class _GGUFMeta:
-    """Typed reads of a GGUF reader's metadata fields."""
+    """Typed reads of a GGUF file's metadata."""
 
-    def __init__(self, reader: Any) -> None:
-        self.fields = reader.fields
+    def __init__(self, metadata: dict[str, Any]) -> None:
+        self.metadata = metadata
 
     def scalar(self, key: str, default: Any) -> Any:
-        field = self.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
+        value = self.metadata.get(key)
         return value if value is not None else default
 
     def strings(self, key: str) -> list[str]:
-        field = self.fields.get(key)
-        if field is None:
-            raise ModelLoadError(f"GGUF metadata lacks {key}")
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        value = self.metadata.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ModelLoadError(f"GGUF metadata lacks {key} (an array of strings)")
+        return value
 
     def ints(self, key: str) -> list[int]:
-        field = self.fields.get(key)
-        return [] if field is None else [int(field.parts[i][0]) for i in field.data]
+        value = self.metadata.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+            raise ModelLoadError(f"GGUF metadata {key} is not an array of integers")
+        return [int(v) for v in value]

@@ -1,0 +1,31 @@
+"""pie.engine.cpu_kernels' memory helpers, on any CPU (no kernels needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pie.engine import cpu_kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_page_zeros_is_zero_writable_and_aligned(dtype: torch.dtype) -> None:
+    shape = (3, 2, 40, 16, 3, 64)  # a small KV cache: [layers, K/V, pages, slots, heads, dim]
+    x = cpu_kernels.huge_page_zeros(shape, dtype)
+    assert tuple(x.shape) == shape and x.dtype == dtype and x.is_contiguous()
+    assert x.data_ptr() % (2 << 20) == 0
+    assert not x.any()
+    x[2, 1, 39, 15] = 1.5  # the very last row is ours to write
+    x[0, 0, 0, 0, 0, 0] = -2.0
+    assert x.float().sum().item() == 1.5 * 3 * 64 - 2.0
+
+
+def test_huge_page_zeros_outlives_its_creator() -> None:
+    views = [cpu_kernels.huge_page_zeros((1024,), torch.float32)[512:] for _ in range(3)]
+    for i, v in enumerate(views):
+        v.fill_(float(i))
+    assert [v.sum().item() for v in views] == [0.0, 512.0, 1024.0]
+
+
+def test_huge_page_zeros_of_nothing() -> None:
+    assert cpu_kernels.huge_page_zeros((0, 4), torch.float32).shape == (0, 4)
