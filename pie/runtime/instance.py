@@ -3,12 +3,14 @@
 Life: start → (wasm: store with memory limit, WASI without files or sockets, epoch deadline;
 instantiate; call `run`) or (native: call the same SDK entry in-process) → whatever way it ends
 (result, error, trap, limit, cancel) → cleanup returns every page and handle it held → `done`
-resolves. Guest stdout/stderr go to files read into the log, tagged with the instance id.
+resolves. Guest stdout/stderr reach the log line by line as they are written, tagged with the
+instance id, up to the instance's output budget.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import json
 import logging
 import threading
@@ -24,7 +26,7 @@ from pie.runtime.errors import InstanceFailed
 from pie.runtime.host import futures as host_futures
 from pie.runtime.host.state import HostServices, InstanceHost, Session, bind_current
 from pie.runtime.limits import InstanceLimits
-from pie.runtime.wasm_bindings import TICK_SECONDS, set_deadline
+from pie.runtime.wasm_bindings import TICK_SECONDS, set_deadline, watch_deadline
 
 if TYPE_CHECKING:
     from pie.runtime.runtime import Runtime
@@ -43,35 +45,41 @@ class Program:
     source: Path | None = None
 
 
-class GuestLog:
-    """Tails one guest's stdout/stderr files into the log, line by line."""
+class GuestOutput:
+    """One guest stream (stdout or stderr) into the log, line by line, as it is written.
 
-    def __init__(self, path: Path, logger: logging.Logger, stream: str) -> None:
-        self.path = path
-        self.logger = logger
+    Both streams of an instance draw on one budget (`InstanceLimits.max_output_bytes`): past
+    it a write fails with EIO, the rest is dropped, and the instance is stopped, so a guest
+    that prints in a loop costs neither disk nor an unbounded log.
+    """
+
+    def __init__(self, host: InstanceHost, stream: str, spent: list[int]) -> None:
+        self.host = host
         self.stream = stream
-        self.offset = 0
-        self.partial = ""
-        self._lock = threading.Lock()
+        self.spent = spent  # bytes written by both streams, shared
+        self.partial = b""
 
-    def pump(self, final: bool = False) -> None:
-        with self._lock:
-            try:
-                with self.path.open("rb") as f:
-                    f.seek(self.offset)
-                    data = f.read()
-            except FileNotFoundError:
-                return
-            self.offset += len(data)
-            text = self.partial + data.decode("utf-8", "replace")
-            *lines, self.partial = text.split("\n")
-            if final and self.partial:
-                lines.append(self.partial)
-                self.partial = ""
-            for line in lines:
-                self.logger.info("[%s] %s", self.stream, line)
-            if final:
-                self.path.unlink(missing_ok=True)
+    def write(self, data: bytes) -> int:
+        budget = self.host.limits.max_output_bytes
+        if budget is not None and self.spent[0] + len(data) > budget:
+            data = data[: max(0, budget - self.spent[0])]
+            self.spent[0] = budget
+            self._lines(data)
+            self.host.stop(f"output limit of {budget} bytes (stdout + stderr) reached")
+            return -errno.EIO
+        self.spent[0] += len(data)
+        self._lines(data)
+        return len(data)
+
+    def _lines(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            self.host.log.info("[%s] %s", self.stream, line.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        """Logs an unfinished last line."""
+        if self.partial:
+            self._lines(b"\n")
 
 
 class InferletInstance:
@@ -89,7 +97,6 @@ class InferletInstance:
         limits: InstanceLimits,
         native: bool,
         depth: int = 0,
-        log_dir: Path,
     ) -> None:
         self.runtime = runtime
         self.program = program
@@ -114,12 +121,9 @@ class InferletInstance:
         self._thread = threading.Thread(
             target=self._main, name=f"inferlet-{instance_id}", daemon=True
         )
-        self.stdout_path = log_dir / f"{instance_id}.stdout"
-        self.stderr_path = log_dir / f"{instance_id}.stderr"
-        self.logs = [
-            GuestLog(self.stdout_path, self.host.log, "stdout"),
-            GuestLog(self.stderr_path, self.host.log, "stderr"),
-        ]
+        spent = [0]
+        self.outputs = [GuestOutput(self.host, name, spent) for name in ("stdout", "stderr")]
+        self._deadline_callback: object = None  # wasmtime calls it while the store lives
 
     # ---- control (any thread) ------------------------------------------------------------------
     def start(self) -> InferletInstance:
@@ -130,8 +134,8 @@ class InferletInstance:
         return self
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Stops the instance: waits wake at once, the next host call (or the CPU/wall deadline,
-        for a guest computing without host calls) ends it."""
+        """Stops the instance: waits wake at once; the next host call, or for a guest computing
+        without host calls the next epoch check (within ~50 ms), ends it."""
         self.host.stop(reason)
 
     def wait(self, timeout: float | None = None) -> str:
@@ -159,8 +163,8 @@ class InferletInstance:
                 self._cleanup()
             except Exception:  # never leave `done` unresolved
                 log.exception("instance %d: cleanup failed", self.id)
-            for guest_log in self.logs:
-                guest_log.pump(final=True)
+            for output in self.outputs:
+                output.close()
             self.ended_at = time.monotonic()
         if isinstance(outcome, BaseException):
             self.host.log.info("failed: %s", str(outcome).splitlines()[0] if str(outcome) else "")
@@ -178,12 +182,13 @@ class InferletInstance:
         store.set_limits(memory_size=limits.memory_bytes)
         wasi = wasmtime.WasiConfig()
         wasi.argv = [self.program.name]
-        wasi.stdout_file = str(self.stdout_path)
-        wasi.stderr_file = str(self.stderr_path)
+        wasi.stdout_custom = self.outputs[0].write
+        wasi.stderr_custom = self.outputs[1].write
         for host_path, guest_path in self.runtime.preopen_dirs.items():
             wasi.preopen_dir(host_path, guest_path)
         store.set_wasi(wasi)
         set_deadline(store, self.host)  # before instantiation: the default deadline traps at once
+        self._deadline_callback = watch_deadline(store, self.host)
         try:
             instance = self.runtime.linker.instantiate(store, component)
             run = instance.get_func(store, "run")

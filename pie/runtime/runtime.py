@@ -11,8 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +33,6 @@ from pie.runtime.session import QueueSession
 from pie.runtime.wasm_bindings import TICK_SECONDS, build_linker
 
 log = logging.getLogger(__name__)
-LOG_PUMP_TICKS = 25  # guest stdout/stderr are read into the log every 25 ticks (0.25 s)
 
 
 class Runtime:
@@ -86,7 +83,6 @@ class Runtime:
         self._instances: dict[int, InferletInstance] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._log_dir = Path(tempfile.mkdtemp(prefix="pie-guest-logs-"))
         self._closed = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="pie-epoch", daemon=True)
         self._ticker.start()
@@ -166,7 +162,6 @@ class Runtime:
                 limits=limits or self.limits,
                 native=native,
                 depth=depth,
-                log_dir=self._log_dir,
             )
             self._instances[instance.id] = instance
         return instance.start()
@@ -204,14 +199,8 @@ class Runtime:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def _tick(self) -> None:
-        for count in itertools.count(1):
-            if self._closed.wait(TICK_SECONDS):
-                return
+        while not self._closed.wait(TICK_SECONDS):
             self.wasm_engine.increment_epoch()
-            if count % LOG_PUMP_TICKS == 0:
-                for instance in self.instances():
-                    for guest_log in instance.logs:
-                        guest_log.pump()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops every instance, waits for them (up to `timeout`), stops the scheduler."""
@@ -227,7 +216,6 @@ class Runtime:
                 log.warning("instance %d did not stop within %.1f s", instance.id, timeout)
         self._closed.set()
         self.scheduler.stop()
-        shutil.rmtree(self._log_dir, ignore_errors=True)
 
     def __enter__(self) -> Runtime:
         return self

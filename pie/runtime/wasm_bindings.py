@@ -6,12 +6,14 @@ that turns wasmtime values (Record, Variant) into host types, calls the one host
 in `runtime/host/`, and converts back. No Python exception may escape a host function: wasmtime
 parks it in a module global that another instance's thread would re-raise. So every error a
 guest can handle returns as a WIT `err`, and everything else raises `WasmtimeError` (carried
-per call), which traps only the calling instance. After a call that waited, the store's epoch
-deadline is reset from the instance's remaining CPU and wall time (waits do not count as CPU).
+per call), which traps only the calling instance. Every few epoch ticks a deadline callback
+checks the running instance (`watch_deadline`): stopped, or past its CPU or wall time (waits do
+not count as CPU), it traps there, even if it never calls the host.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from collections.abc import Callable
@@ -44,7 +46,6 @@ from pie.runtime.wit import interface_name
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.01  # epoch period: an over-limit guest stops within about this much
-_NO_DEADLINE = 2**62
 
 # How a function's value crosses back: PLAIN (no result type), RESULT (result<T, string> whose
 # T is no string-like: wasmtime lowers T as ok and a str as err), TAGGED (result<string-like,
@@ -214,16 +215,63 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
 }
 
 
+# wasmtime's epoch-deadline callback: (context, data, *delta, *kind) -> a wasmtime_error_t
+# pointer to trap, or 0 to continue with the deadline `delta` ticks on.
+_DeadlineCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_NO_FINALIZER = _Finalizer(lambda data: None)
+_CONTINUE = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+CHECK_TICKS = 5  # a running guest is checked for a stop or a spent limit every 50 ms
+
+
 def set_deadline(context: Any, host: InstanceHost) -> None:
-    """Epoch deadline = the instance's remaining CPU or wall time, whichever is less.
+    """Epoch deadline = the next check: the instance's remaining CPU or wall time, or
+    CHECK_TICKS, whichever is less (`watch_deadline` decides there whether it goes on).
 
     `context` is a raw store context (a host call's) or a Store (before instantiation).
     """
     if isinstance(context, wasmtime.Store):
         context = context._context()
+    ffi.wasmtime_context_set_epoch_deadline(context, _ticks_to_check(host))
+
+
+def _ticks_to_check(host: InstanceHost) -> int:
     remaining = min(host.cpu_remaining(), host.wall_remaining())
-    ticks = _NO_DEADLINE if math.isinf(remaining) else max(1, math.ceil(remaining / TICK_SECONDS))
-    ffi.wasmtime_context_set_epoch_deadline(context, ticks)
+    if math.isinf(remaining):
+        return CHECK_TICKS
+    return min(CHECK_TICKS, max(1, math.ceil(remaining / TICK_SECONDS)))
+
+
+def watch_deadline(store: wasmtime.Store, host: InstanceHost) -> Any:
+    """At each epoch deadline, ends the instance if it was stopped or is past a time limit,
+    else sets the next check. A guest that never calls the host (a busy loop, a print loop)
+    so ends within CHECK_TICKS ticks of a cancel, not only at its CPU limit.
+
+    Returns the callback object, which must live as long as the store.
+    """
+
+    def on_deadline(context: Any, data: Any, delta: Any, kind: Any) -> int:
+        try:
+            host.check_alive()
+            delta[0] = _ticks_to_check(host)
+            kind[0] = _CONTINUE
+            return 0
+        except InstanceTrap as e:
+            host.trap_reason = str(e)
+        except Exception as e:  # never let an exception cross into wasmtime
+            host.trap_reason = f"internal error at an epoch deadline: {e!r}"
+        error = ffi.wasmtime_error_new(host.trap_reason.encode())
+        return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+    callback = _DeadlineCallback(on_deadline)
+    ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), callback, None, _NO_FINALIZER)
+    return callback
 
 
 def _wrap(qualified: str, fn: HostFn, kind: str) -> Callable[..., Any]:
@@ -248,8 +296,8 @@ def _wrap(qualified: str, fn: HostFn, kind: str) -> Callable[..., Any]:
         else:
             value = wc.Variant("ok", value) if kind == TAGGED else value
         if host.waited != waited:
-            # Time blocked in the host is not CPU time: move the deadline out again. Calls that
-            # did not wait keep the old one, which counted their time as CPU, as it was.
+            # A wait may outlast the deadline: set the next check from now (the time blocked
+            # is not CPU time; `check_alive` leaves it out).
             set_deadline(context, host)
         return value
 

@@ -37,6 +37,24 @@ def test_infinite_loop_stops_within_a_second_of_its_cpu_limit(runtime: Runtime) 
     assert took < 2.0
 
 
+def test_cancel_stops_a_busy_loop_at_once(runtime: Runtime) -> None:
+    # The loop never calls the host: the epoch-deadline check is what ends it.
+    victim = runtime.launch("probe", ["loop"], limits=InstanceLimits(cpu_seconds=30.0))
+    time.sleep(0.3)
+    asked = time.monotonic()
+    victim.cancel("test cancel")
+    with pytest.raises(InstanceFailed, match="test cancel"):
+        victim.wait(5)
+    assert time.monotonic() - asked < 0.5
+
+
+def test_print_flood_stops_at_the_output_limit(runtime: Runtime) -> None:
+    budget = 64 * 2**10
+    error, took = _failure(runtime, ["print-flood"], max_output_bytes=budget)
+    assert f"output limit of {budget} bytes" in error
+    assert took < 5.0
+
+
 def test_wall_time_limit_ends_a_waiting_instance(runtime: Runtime) -> None:
     error, took = _failure(runtime, ["hold-pages", "10"], wall_seconds=0.5)
     assert "wall-time limit" in error

@@ -1,6 +1,7 @@
 """A test inferlet: one build serves every runtime test; args[0] picks the behaviour."""
 
 import asyncio
+import contextlib
 import json
 import sys
 
@@ -328,6 +329,14 @@ def print_both() -> str:
     return "printed"
 
 
+def print_flood() -> str:
+    i = 0
+    while True:  # ignores failed writes: only the runtime can end this
+        with contextlib.suppress(OSError):
+            print(f"line {i} " + "x" * 200, flush=True)
+        i += 1
+
+
 async def fork(n: str, k: str) -> str:
     prompt = Context()
     prompt.fill("shared prefix " * 3)
@@ -368,6 +377,7 @@ async def main(args: list[str]) -> str:
         "cancel-child": cancel_child,
         "fork": fork,
         "print": print_both,
+        "print-flood": print_flood,
         "version": lambda: wit.runtime.version(),
         "echo": lambda *a: json.dumps(list(a)),
     }
