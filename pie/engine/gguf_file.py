@@ -137,7 +137,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
         dims = [cursor.take("<Q") for _ in range(cursor.take("<I"))]
         kind, offset = cursor.take("<I"), cursor.take("<Q")
         infos.append((name, dims, kind, offset))
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment < 1:
+        raise ModelLoadError(f"{path}: general.alignment {alignment!r} is not a positive integer")
     data_start = -(-cursor.at // alignment) * alignment
     tensors = {}
     for name, dims, kind, offset in infos:

@@ -147,3 +147,15 @@ def test_damaged_files_raise_model_load_error(tmp_path: Path, damage: str) -> No
     bad.write_bytes(bytes(raw))
     with pytest.raises(ModelLoadError):
         read_gguf(bad)
+
+
+def test_a_zero_alignment_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("general.alignment", 0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="alignment"):
+        read_gguf(path)
