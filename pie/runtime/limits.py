@@ -25,6 +25,6 @@ class InstanceLimits:
     # Largest single message, blob or argument list a guest may hand the host. (wasmtime's own
     # per-call copy budget traps a list<u8> past ~2.8 M elements before this check runs.)
     max_message_bytes: int = 16 * 2**20
-    # What the guest may write to stdout and stderr together (into the log); past it, writes
-    # fail and the instance is stopped.
+    # What the guest may write to stdout and stderr together (into the log); past it, the rest
+    # is dropped and the instance is stopped.
     max_output_bytes: int | None = 16 * 2**20

@@ -8,10 +8,15 @@ programs and instances. No globals: two runtimes in one process are independent.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,32 @@ from pie.runtime.instance import InferletInstance, Program
 from pie.runtime.limits import InstanceLimits
 from pie.runtime.messaging import MessageBus
 from pie.runtime.session import QueueSession
-from pie.runtime.wasm_bindings import TICK_SECONDS, build_linker
+from pie.runtime.wasm_bindings import CHECK_TICKS, TICK_SECONDS, build_linker
 
 log = logging.getLogger(__name__)
+_TICKING: weakref.WeakSet[Runtime] = weakref.WeakSet()  # runtimes whose epoch still advances
+
+
+@atexit.register
+def _stop_ticking_at_exit() -> None:
+    """Freezes every runtime's epoch before the interpreter finalizes.
+
+    A guest still running then never reaches another deadline: its deadline callback
+    (`wasm_bindings.watch_deadline`) could not take the GIL of a finalizing interpreter from
+    inside wasmtime's frames, and the process would abort instead of exiting.
+    """
+    runtimes = list(_TICKING)
+    for runtime in runtimes:
+        runtime._closed.set()
+    for runtime in runtimes:
+        runtime._ticker.join(timeout=1.0)
+    if runtimes:
+        time.sleep(CHECK_TICKS * TICK_SECONDS)  # callbacks already due take the GIL meanwhile
+
+
+# Guest stdout/stderr files are read into the log every 5 ticks (50 ms): a guest past its output
+# budget is stopped within about that much more (see instance.GuestLog).
+LOG_PUMP_TICKS = 5
 
 
 class Runtime:
@@ -83,9 +111,11 @@ class Runtime:
         self._instances: dict[int, InferletInstance] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._log_dir = Path(tempfile.mkdtemp(prefix="pie-guest-logs-"))
         self._closed = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="pie-epoch", daemon=True)
         self._ticker.start()
+        _TICKING.add(self)
 
     # ---- programs --------------------------------------------------------------------------------
     @property
@@ -162,6 +192,7 @@ class Runtime:
                 limits=limits or self.limits,
                 native=native,
                 depth=depth,
+                log_dir=self._log_dir,
             )
             self._instances[instance.id] = instance
         return instance.start()
@@ -199,8 +230,14 @@ class Runtime:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def _tick(self) -> None:
-        while not self._closed.wait(TICK_SECONDS):
+        for count in itertools.count(1):
+            if self._closed.wait(TICK_SECONDS):
+                return
             self.wasm_engine.increment_epoch()
+            if count % LOG_PUMP_TICKS == 0:
+                for instance in self.instances():
+                    for guest_log in instance.logs:
+                        guest_log.pump()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stops every instance, waits for them (up to `timeout`), stops the scheduler."""
@@ -216,6 +253,7 @@ class Runtime:
                 log.warning("instance %d did not stop within %.1f s", instance.id, timeout)
         self._closed.set()
         self.scheduler.stop()
+        shutil.rmtree(self._log_dir, ignore_errors=True)
 
     def __enter__(self) -> Runtime:
         return self
