@@ -3,7 +3,8 @@
 It owns one wasmtime Engine (epoch interruption on; a ticker thread advances the epoch), the
 component cache, the linker with the host implementation, the page pool, export registry,
 context manager and batch scheduler over one model engine, the message bus, and the registry of
-programs and instances. No globals: two runtimes in one process are independent.
+programs and instances. Two runtimes in one process are independent (the one module-level
+thing is an exit hook that freezes every runtime's epoch before the interpreter finalizes).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from pie.runtime.wit import interface_name
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 0.01  # epoch period: an over-limit guest stops within about this much
+TICK_SECONDS = 0.01  # epoch period (a running guest is checked every CHECK_TICKS of them)
 
 # How a function's value crosses back: PLAIN (no result type), RESULT (result<T, string> whose
 # T is no string-like: wasmtime lowers T as ok and a str as err), TAGGED (result<string-like,
