@@ -13,7 +13,11 @@ import torch.nn.functional as F
 from pie.engine import cpu_kernels
 from pie.engine.linear import Linear, rms_norm
 from pie.engine.model import apply_rope
-from tests.engine.attention_reference import reference_attention
+from tests.engine.attention_reference import (
+    new_kv_case,
+    random_decode_case,
+    reference_attention,
+)
 
 pytestmark = pytest.mark.skipif(
     cpu_kernels.load() is None, reason="needs x86-64 AVX512-BF16 and a C compiler"
@@ -132,34 +136,16 @@ def test_rope_kernel_matches_apply_rope() -> None:
 def test_decode_attention_matches_float_reference(
     batch: int, heads: int, kv_heads: int, dim: int, l_max: int, masked: bool
 ) -> None:
-    gen = torch.Generator().manual_seed(batch * heads + dim)
-    k_cache = torch.randn(1024, kv_heads, dim, generator=gen).to(BF16)
-    v_cache = torch.randn(1024, kv_heads, dim, generator=gen).to(BF16)
-    q = torch.randn(batch, heads + 3, dim, generator=gen).to(BF16)[:, :heads]  # strided, as q is
-    lens = torch.randint(1, l_max + 1, (batch,), generator=gen)
-    lens[0] = l_max
-    rows = torch.randint(0, 1024, (batch, l_max), generator=gen)
-    mask = None
-    if masked:
-        mask = torch.rand(batch, l_max, generator=gen) > 0.5
-        mask[:, 0] = True
+    q, k_cache, v_cache, rows, lens, mask = random_decode_case(
+        batch, heads, kv_heads, dim, l_max, masked, BF16
+    )
     got = cpu_kernels.decode_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5)
     want = reference_attention(q, k_cache, v_cache, rows, lens, mask, dim**-0.5)
     assert_close_bf16(got, want)
 
 
 def test_decode_attention_writes_new_kv_before_reading() -> None:
-    gen = torch.Generator().manual_seed(1)
-    batch, heads, kv_heads, dim = 3, 9, 3, 64
-    k_cache = torch.zeros(64, kv_heads, dim, dtype=BF16)
-    v_cache = torch.zeros(64, kv_heads, dim, dtype=BF16)
-    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen).to(BF16)
-    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(batch, kv_heads, dim)
-    v = qkv[:, (heads + kv_heads) * dim :].view(batch, kv_heads, dim)
-    q = torch.randn(batch, heads, dim, generator=gen).to(BF16)
-    slots = torch.tensor([5, 17, 40])  # each sequence's new token, read in the same call
-    rows = torch.tensor([[0, 1, 2, 3, 4, 5], [17, 0, 0, 0, 0, 0], [40, 0, 0, 0, 0, 0]])
-    lens = torch.tensor([6, 1, 1])
+    q, k_cache, v_cache, k, v, slots, rows, lens = new_kv_case(BF16)
     got = cpu_kernels.decode_attention(
         q, k_cache, v_cache, rows, lens, None, 0.125, new=(k, v, slots)
     )
