@@ -387,10 +387,18 @@ static void attend(const float *q, int64_t q_stride_h, const float *k_cache,
     }
 }
 
-/* Accumulators of attend_rows's V pass: row i (a query head) has 4 vectors of 8 outputs. */
+/* Accumulators of attend_rows's V pass: row i (a query head) has 4 vectors of 8 outputs,
+   starting from 0 on the first span of rows and from the sums in `out` on the others. */
 #define ROW_ACC4(i)                                                                \
     __m256 v##i##0 = _mm256_setzero_ps(), v##i##1 = _mm256_setzero_ps();           \
-    __m256 v##i##2 = _mm256_setzero_ps(), v##i##3 = _mm256_setzero_ps();
+    __m256 v##i##2 = _mm256_setzero_ps(), v##i##3 = _mm256_setzero_ps();           \
+    if (s0 > 0 && gn > i) {                                                        \
+        const float *o = out + (kh * group + g0 + i) * dim + d0;                   \
+        v##i##0 = _mm256_loadu_ps(o);                                              \
+        if (dn > 8) v##i##1 = _mm256_loadu_ps(o + 8);                              \
+        if (dn > 16) v##i##2 = _mm256_loadu_ps(o + 16);                            \
+        if (dn > 24) v##i##3 = _mm256_loadu_ps(o + 24);                            \
+    }
 #define ROW_FMA4(i, probs)                                                         \
     {                                                                              \
         const __m256 pb = _mm256_set1_ps(probs[l]);                                \
@@ -408,39 +416,62 @@ static void attend(const float *q, int64_t q_stride_h, const float *k_cache,
         if (dn > 24) _mm256_storeu_ps(o + 24, v##i##3);                            \
     }
 
-#ifndef PF_SLOTS
-#define PF_SLOTS 16
-#endif
+/* Reads every 64-byte line of rows[0, n) (row_stride floats each) once, in order, with loads
+   that do nothing else; returns a sum only so that the loads are kept. */
+static float read_rows(const float *cache, int64_t row_stride, const int64_t *rows, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t l = 0; l < n; ++l) {
+        const float *r = cache + rows[l] * row_stride;
+        int64_t c = 0;
+        for (; c + 32 <= row_stride; c += 32) {
+            s0 = _mm256_add_ps(s0, _mm256_loadu_ps(r + c));
+            s1 = _mm256_add_ps(s1, _mm256_loadu_ps(r + c + 16));
+        }
+        for (; c < row_stride; c += 16) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(r + c));
+    }
+    return hsum8(_mm256_add_ps(s0, s1));
+}
+static volatile float read_rows_sink;
+
+#define SPAN_BYTES (96 * 1024) /* rows read ahead of the compute at a time: they stay in L2 */
+
 /* One sequence, every head: the same results as `attend` for each KV head, but the cache rows
-   (all KV heads, contiguous) are read in slot order and fetched whole, and V is summed in
-   registers. Used when there are enough sequences to keep every thread busy. Measured (batch
-   32, 3 KV heads, ~180 slots in 16-slot pages, 2 cores): summing V in registers rather than in
-   memory, 0.50 -> 0.35 ms per layer with the caches in L3; from DRAM ~0.9 ms either way, the
-   read being latency-bound at ~10 GB/s. scores: heads * padded floats. */
+   (all KV heads, contiguous) are taken in spans of ~96 KiB: each span is first read in a
+   plain loop that only loads, and then computed on from L2 (K: scores of every head; V: 32
+   outputs of up to 3 query heads at a time, 12 accumulators in registers). Measured (batch 32,
+   3 KV heads, 176 slots, 2 cores): computing as it reads keeps too few lines in flight, so
+   the rows moved at ~8 GB/s where a plain read of them runs at 12-16; software prefetch at
+   any distance did not close that gap, the plain read ahead does (30 layers: 30-34 -> 24-25
+   ms; 1000 slots: 210 -> 141 ms, where V no longer fits L2 between its six passes).
+   scores: heads * padded floats. */
 static void attend_rows(const float *q, int64_t q_stride_h, const float *k_cache,
                         const float *v_cache, int64_t row_stride, const int64_t *rows,
                         const uint8_t *mask, int64_t len, int64_t heads, int64_t group,
                         int64_t dim, float scale, float *scores, float *out) {
     const int64_t padded = (len + 7) / 8 * 8, chunks = dim / 8;
-    for (int64_t l0 = 0; l0 < len; l0 += 8) {
-        const int64_t n = min64(8, len - l0);
-        const float *kr[8];
-        for (int64_t j = 0; j < 8; ++j) kr[j] = k_cache + rows[l0 + (j < n ? j : 0)] * row_stride;
-        for (int64_t j = l0 + PF_SLOTS; j < l0 + PF_SLOTS + 8 && j < len; ++j)
-            for (int64_t c = 0; c < row_stride; c += 16)
-                _mm_prefetch((const char *)(k_cache + rows[j] * row_stride + c), _MM_HINT_T0);
-        for (int64_t h = 0; h < heads; ++h) {
-            const float *qh = q + h * q_stride_h;
-            const int64_t at = (h / group) * dim;
-            __m256 part[8];
-            for (int j = 0; j < 8; ++j) part[j] = _mm256_setzero_ps();
-            for (int64_t c = 0; c < chunks; ++c) {
-                const __m256 qv = _mm256_loadu_ps(qh + 8 * c);
-                for (int j = 0; j < 8; ++j)
-                    part[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kr[j] + at + 8 * c), qv, part[j]);
+    int64_t span = SPAN_BYTES / (row_stride * 4) / 8 * 8;
+    if (span < 8) span = 8;
+    for (int64_t s0 = 0; s0 < len; s0 += span) {
+        const int64_t s1 = min64(s0 + span, len);
+        read_rows_sink = read_rows(k_cache, row_stride, rows + s0, s1 - s0);
+        for (int64_t l0 = s0; l0 < s1; l0 += 8) { /* span is a multiple of 8 */
+            const int64_t n = min64(8, len - l0);
+            const float *kr[8];
+            for (int64_t j = 0; j < 8; ++j)
+                kr[j] = k_cache + rows[l0 + (j < n ? j : 0)] * row_stride;
+            for (int64_t h = 0; h < heads; ++h) {
+                const float *qh = q + h * q_stride_h;
+                const int64_t at = (h / group) * dim;
+                __m256 part[8];
+                for (int j = 0; j < 8; ++j) part[j] = _mm256_setzero_ps();
+                for (int64_t c = 0; c < chunks; ++c) {
+                    const __m256 qv = _mm256_loadu_ps(qh + 8 * c);
+                    for (int j = 0; j < 8; ++j)
+                        part[j] = _mm256_fmadd_ps(_mm256_loadu_ps(kr[j] + at + 8 * c), qv, part[j]);
+                }
+                _mm256_storeu_ps(scores + h * padded + l0,
+                                 _mm256_mul_ps(transpose_sum8(part), _mm256_set1_ps(scale)));
             }
-            _mm256_storeu_ps(scores + h * padded + l0,
-                             _mm256_mul_ps(transpose_sum8(part), _mm256_set1_ps(scale)));
         }
     }
     for (int64_t h = 0; h < heads; ++h) { /* probabilities, as torch divides first */
@@ -448,33 +479,30 @@ static void attend_rows(const float *q, int64_t q_stride_h, const float *k_cache
         const float inv = softmax_exp(sh, len, padded, mask);
         for (int64_t l = 0; l < padded; ++l) sh[l] *= inv;
     }
-    /* V: per KV head, up to 3 of its query heads and 32 outputs at a time, 12 accumulators in
-       registers; the first pass over the rows fetches them whole, the others find them in L2. */
     const int64_t kv_heads = heads / group;
-    for (int64_t kh = 0; kh < kv_heads; ++kh)
-        for (int64_t g0 = 0; g0 < group; g0 += 3) {
-            const int64_t gn = min64(3, group - g0);
-            const float *p0 = scores + (kh * group + g0) * padded;
-            const float *p1 = gn > 1 ? p0 + padded : p0, *p2 = gn > 2 ? p0 + 2 * padded : p0;
-            for (int64_t d0 = 0; d0 < dim; d0 += 32) {
-                const int64_t dn = min64(32, dim - d0);
-                const int first = kh == 0 && g0 == 0 && d0 == 0;
-                ROW_ACC4(0) ROW_ACC4(1) ROW_ACC4(2)
-                for (int64_t l = 0; l < len; ++l) {
-                    if (first && l + PF_SLOTS < len)
-                        for (int64_t c = 0; c < row_stride; c += 16)
-                            _mm_prefetch((const char *)(v_cache + rows[l + PF_SLOTS] * row_stride + c),
-                                         _MM_HINT_T0);
-                    const float *vr = v_cache + rows[l] * row_stride + kh * dim + d0;
-                    const __m256 v0 = _mm256_loadu_ps(vr);
-                    const __m256 v1 = dn > 8 ? _mm256_loadu_ps(vr + 8) : v0;
-                    const __m256 v2 = dn > 16 ? _mm256_loadu_ps(vr + 16) : v0;
-                    const __m256 v3 = dn > 24 ? _mm256_loadu_ps(vr + 24) : v0;
-                    ROW_FMA4(0, p0) ROW_FMA4(1, p1) ROW_FMA4(2, p2)
+    for (int64_t s0 = 0; s0 < len; s0 += span) {
+        const int64_t s1 = min64(s0 + span, len);
+        read_rows_sink = read_rows(v_cache, row_stride, rows + s0, s1 - s0);
+        for (int64_t kh = 0; kh < kv_heads; ++kh)
+            for (int64_t g0 = 0; g0 < group; g0 += 3) {
+                const int64_t gn = min64(3, group - g0);
+                const float *p0 = scores + (kh * group + g0) * padded;
+                const float *p1 = gn > 1 ? p0 + padded : p0, *p2 = gn > 2 ? p0 + 2 * padded : p0;
+                for (int64_t d0 = 0; d0 < dim; d0 += 32) {
+                    const int64_t dn = min64(32, dim - d0);
+                    ROW_ACC4(0) ROW_ACC4(1) ROW_ACC4(2)
+                    for (int64_t l = s0; l < s1; ++l) {
+                        const float *vr = v_cache + rows[l] * row_stride + kh * dim + d0;
+                        const __m256 v0 = _mm256_loadu_ps(vr);
+                        const __m256 v1 = dn > 8 ? _mm256_loadu_ps(vr + 8) : v0;
+                        const __m256 v2 = dn > 16 ? _mm256_loadu_ps(vr + 16) : v0;
+                        const __m256 v3 = dn > 24 ? _mm256_loadu_ps(vr + 24) : v0;
+                        ROW_FMA4(0, p0) ROW_FMA4(1, p1) ROW_FMA4(2, p2)
+                    }
+                    ROW_OUT4(0) ROW_OUT4(1) ROW_OUT4(2)
                 }
-                ROW_OUT4(0) ROW_OUT4(1) ROW_OUT4(2)
             }
-        }
+    }
 }
 
 /* out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b for one new token per sequence b, where

@@ -136,6 +136,9 @@ def test_rope_kernel_matches_apply_rope_exactly() -> None:
         (2, 32, 8, 128, 300),
         (4, 4, 1, 64, 1),
         (2, 6, 2, 40, 23),  # a head size that is not a multiple of 64
+        # a task per sequence, rows read in spans: 128 slots a span (3 spans), 24 (5)
+        (4, 9, 3, 64, 300),
+        (6, 32, 8, 128, 100),
     ],
 )
 @pytest.mark.parametrize("masked", [False, True])
