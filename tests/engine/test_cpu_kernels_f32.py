@@ -139,6 +139,7 @@ def test_rope_kernel_matches_apply_rope_exactly() -> None:
         # a task per sequence, rows read in spans: 128 slots a span (3 spans), 24 (5)
         (4, 9, 3, 64, 300),
         (6, 32, 8, 128, 100),
+        (1, 9, 3, 64, 700),  # one sequence cut into runs on 2 threads, then merged
     ],
 )
 @pytest.mark.parametrize("masked", [False, True])
@@ -201,6 +202,27 @@ def test_float32_model_with_kernels_matches_torch_ops(
 
     for with_kernels, without in zip(run(True), run(False), strict=True):
         close(with_kernels, without, 1e-4)
+
+
+def test_split_sequences_merge_empty_and_fully_masked_runs() -> None:
+    """Runs that hold no slot (a 1-slot sequence cut in 4) or only masked slots add nothing."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim, l_max = 9, 3, 64, 520
+    k_cache = torch.randn(1200, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(1200, kv_heads, dim, generator=gen)
+    q = torch.randn(2, heads, dim, generator=gen)
+    rows = torch.randint(0, 1200, (2, l_max), generator=gen)
+    lens = torch.tensor([l_max, 1])
+    mask = torch.zeros(2, l_max, dtype=torch.bool)
+    mask[0, 3:40] = True  # only the first of sequence 0's runs attends anything
+    mask[1, 0] = True
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # 2 sequences on 4 threads: 4 runs each
+    try:
+        got = cpu_kernels_f32.decode_attention(q, k_cache, v_cache, rows, lens, mask, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    close(got, reference_attention(q, k_cache, v_cache, rows, lens, mask, 0.125, F64), 2e-5)
 
 
 @pytest.mark.parametrize("threads", [1, 16])  # 1: a task per sequence; 16: per (sequence, head)
