@@ -182,12 +182,24 @@ def _apply_masks(x: torch.Tensor, masks: Sequence[np.ndarray | None] | None) -> 
 
 
 # ---- kernels (device): each returns a float32 1-D result and how to read it on the host --------
-def _rows(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def _rows(x: torch.Tensor, params: torch.Tensor, group: _Group) -> torch.Tensor:
+    """The group's rows of x [N, V]: x itself when the group is every row in order (no kernel
+    writes into its rows, so no copy is needed; at batch 32 the copy took 0.5 ms)."""
+    if len(group.rows) == x.shape[0] and group.rows == list(range(x.shape[0])):
+        return x
     return x.index_select(0, params[:, 0].long())  # [G, V]
 
 
+def _argmax(z: torch.Tensor) -> torch.Tensor:  # [G, V] -> [G] int64
+    if z.device.type == "cpu":
+        # numpy's argmax is vectorized where torch's CPU one is not (32 x 49152 float32:
+        # 0.16 vs 2.0 ms); both give the first maximal index, a NaN counting as maximal.
+        return torch.from_numpy(np.argmax(z.numpy(), axis=-1))
+    return z.argmax(-1)
+
+
 def _greedy(x: torch.Tensor, params: torch.Tensor, group: _Group) -> tuple[torch.Tensor, Unpack]:
-    ids = _rows(x, params).argmax(-1)  # [G]
+    ids = _argmax(_rows(x, params, group))  # [G]
     return ids.float(), lambda h: [TokenResult(int(i)) for i in h.tolist()]
 
 
@@ -197,7 +209,7 @@ def _draw(x: torch.Tensor, params: torch.Tensor, group: _Group) -> tuple[torch.T
     Each filter becomes a probability threshold, and a token survives if p >= the largest one:
     tokens tied at a cut-off are all kept, so the kept set never depends on sort order.
     """
-    z = _rows(x, params)  # [S, V]
+    z = _rows(x, params, group)  # [S, V]
     temp, top_k, top_p, min_p, u = (params[:, c : c + 1] for c in range(1, 6))  # each [S, 1]
     probs = torch.softmax(z / temp.float(), dim=-1)  # [S, V]
     threshold = min_p.float() * probs.amax(-1, keepdim=True)  # [S, 1]
@@ -243,7 +255,7 @@ def _top_k_top_p_threshold(
 def _distribution(
     x: torch.Tensor, params: torch.Tensor, group: _Group
 ) -> tuple[torch.Tensor, Unpack]:
-    z = _rows(x, params)  # [D, V]
+    z = _rows(x, params, group)  # [D, V]
     temp = params[:, 1:2].float()  # [D, 1]
     hot = temp >= MIN_TEMPERATURE
     # Temperature 0 is the limit of the softmax: all mass split evenly over the maximal logits.
@@ -268,7 +280,7 @@ def _distribution(
 
 
 def _logprobs(x: torch.Tensor, params: torch.Tensor, group: _Group) -> tuple[torch.Tensor, Unpack]:
-    lp = torch.log_softmax(_rows(x, params), dim=-1)  # [L, V]
+    lp = torch.log_softmax(_rows(x, params, group), dim=-1)  # [L, V]
     values = lp.gather(-1, params[:, 1:].long())  # [L, W], padded with id 0
     lengths = [len(s.token_ids) for s in group.specs if isinstance(s, LogProbs)]
 
@@ -280,14 +292,14 @@ def _logprobs(x: torch.Tensor, params: torch.Tensor, group: _Group) -> tuple[tor
 
 
 def _entropy(x: torch.Tensor, params: torch.Tensor, group: _Group) -> tuple[torch.Tensor, Unpack]:
-    lp = torch.log_softmax(_rows(x, params), dim=-1)  # [E, V]
+    lp = torch.log_softmax(_rows(x, params, group), dim=-1)  # [E, V]
     # 0 * log 0 = 0 for masked tokens (torch would give 0 * -inf = nan).
     plogp = torch.where(lp > -math.inf, lp.exp() * lp, 0.0)  # [E, V]
     return -plogp.sum(-1), lambda h: [EntropyResult(v) for v in h.tolist()]
 
 
 def _raw(x: torch.Tensor, params: torch.Tensor, group: _Group) -> tuple[torch.Tensor, Unpack]:
-    z = _rows(x, params)  # [R, V]
+    z = _rows(x, params, group)  # [R, V]
     vocab = z.shape[-1]
     # Clone each row so a result does not keep the whole batch's host buffer alive.
     return z.reshape(-1), lambda h: [LogitsResult(r.clone()) for r in h.view(-1, vocab)]

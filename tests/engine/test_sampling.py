@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from pie.engine import sampling
 from pie.engine.errors import InvalidBatchError
 from pie.engine.request import (
     DistributionResult,
@@ -77,6 +78,19 @@ def _tokens(results: list[Any]) -> list[int]:
 def test_greedy_is_argmax(vocab: int) -> None:
     x = _logits(6, vocab)
     assert _tokens(sample(x, [Greedy()] * 6)) == x.argmax(-1).tolist()
+
+
+def test_greedy_breaks_ties_and_reads_nan_and_inf_as_torch_does() -> None:
+    x = _logits(5, VOCAB)
+    x[0, [7, 3, 40]] = 100.0  # tied maxima: the first wins
+    x[1] = -math.inf  # nothing allowed
+    x[2, [9, 30]] = math.nan  # NaN counts as the maximum
+    x[3, 11] = math.inf
+    with torch.inference_mode():  # as the engine calls it
+        got = _tokens(sample(x, [Greedy()] * 5))  # every row, in order: no row copy
+        some = _tokens(sample(x, [Greedy()] * 4 + [RawLogits()])[:4])  # rows picked out
+    assert got == x.argmax(-1).tolist() == [3, 0, 9, 11, got[4]]
+    assert some == got[:4]
 
 
 @pytest.mark.parametrize("vocab", [VOCAB, 49152])
@@ -324,7 +338,10 @@ class _DeviceStandIn(torch.Tensor):
         return super().__torch_function__(func, types, args, kwargs)
 
 
-def test_one_call_reads_the_device_once() -> None:
+def test_one_call_reads_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stand-in plays a device tensor on the CPU: greedy takes the device's argmax, not
+    # the CPU's (numpy's, a host read only where the tensor already lives on the host).
+    monkeypatch.setattr(sampling, "_argmax", lambda z: z.argmax(-1))
     x = _logits(7).as_subclass(_DeviceStandIn)
     specs: list[SamplerSpec] = [Greedy(), Sample(seed=1), Sample(0.5, 5, 0.8, 0.1)]
     specs += [TopKDistribution(4)]
