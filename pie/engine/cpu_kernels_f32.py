@@ -43,11 +43,17 @@ class _PackedF32(ctypes.Structure):
         ("k", _I64),
         ("n_out", _I64),
         ("mode", _I32),
+        ("rope_cols", _I64),
+        ("head_dim", _I64),
     ]
 
 
-_SIGNATURES: dict[str, list[type]] = {  # the bf16 kernels' arguments, in float32
+# x, x_stride, rows, norm_w, eps, positions, cos, sin, y, y_stride, threads
+_GEMM_ROPE_ARGS: list[type] = [_P, _I64, _I64, _P, ctypes.c_float, _P, _P, _P, _P, _I64, _I32]
+
+_SIGNATURES: dict[str, list[type]] = {  # as the bf16 kernels take them (gemm_rope: float32 only)
     "pie_f32_gemm": [ctypes.POINTER(_PackedF32), *cpu_kernels.GEMM_ARGS],
+    "pie_f32_gemm_rope": [ctypes.POINTER(_PackedF32), *_GEMM_ROPE_ARGS],
     "pie_f32_decode_attention": cpu_kernels.DECODE_ATTENTION_ARGS,
     "pie_f32_rope": cpu_kernels.ROPE_ARGS,
 }
@@ -99,11 +105,24 @@ def _pack(weight: torch.Tensor, parts: int, out: torch.Tensor) -> None:
     )
 
 
+def _rope_order(n: int, rope_cols: int, head_dim: int) -> torch.Tensor:
+    """The weight rows in packing order for pie_f32_gemm's RoPE layout: in each head of the
+    first rope_cols outputs, 8 rows of the first half, then their 8 partners of the second
+    half, and so on (a panel of 16 holds both halves of RoPE's pairs); later rows unchanged."""
+    heads, half = rope_cols // head_dim, head_dim // 2
+    order = torch.arange(n)
+    order[:rope_cols] = order[:rope_cols].view(heads, 2, half // 8, 8).transpose(1, 2).flatten()
+    return order
+
+
 class PackedF32Gemm:
     """One float32 weight [N, K] (+ bias [N]) packed for pie_f32_gemm.
 
     `gated` takes a [gate; up] matrix (N = 2I) and computes silu(x @ gate.T) * (x @ up.T): gate
     panel j and up panel j are stored side by side, so one thread reads both.
+    `rope_heads` > 0 marks the first rope_heads * head_dim outputs as the q and k heads of a qkv
+    matrix: `rotated` then applies RoPE to them as the matmul's sums are written (head_dim a
+    multiple of 16). The layout changes nothing else: `__call__` gives the same results.
     """
 
     def __init__(
@@ -113,13 +132,25 @@ class PackedF32Gemm:
         bias: torch.Tensor | None,
         gated: bool,
         arena: cpu_kernels.HugePageArena | None = None,
+        rope_heads: int = 0,
+        head_dim: int = 0,
     ) -> None:
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError("PackedF32Gemm takes a 2-D float32 CPU weight")
         if gated and (bias is not None or weight.shape[0] % 2):
             raise ValueError("a gated PackedF32Gemm takes an even number of rows and no bias")
         n, k = weight.shape
+        self.rope_cols, self.head_dim = rope_heads * head_dim, head_dim
+        if self.rope_cols and (gated or head_dim % 16 or self.rope_cols > n):
+            raise ValueError(
+                f"a RoPE layout takes a plain matrix, head_dim a multiple of 16 and at most its "
+                f"{n} outputs (got {rope_heads} heads of {head_dim})"
+            )
+        self._order = _rope_order(n, self.rope_cols, head_dim) if self.rope_cols else None
+        if self._order is not None:
+            weight = weight.index_select(0, self._order)
         self._fn = lib.pie_f32_gemm
+        self._rope_fn = lib.pie_f32_gemm_rope
         self.in_features = k
         self.n_out = n // 2 if gated else n
         panels = -(-self.n_out // PANEL)
@@ -144,6 +175,8 @@ class PackedF32Gemm:
                 k,
                 self.n_out,
                 mode,
+                self.rope_cols,
+                head_dim,
             )
             for mode in modes
         }
@@ -154,7 +187,10 @@ class PackedF32Gemm:
         panels = self.packed.numel() // (self._parts * self.in_features * PANEL)
         k = self.in_features
         grid = self.packed.view(panels, self._parts, k, PANEL).permute(1, 0, 3, 2)
-        return grid.reshape(self._parts, panels * PANEL, k)[:, : self.n_out].reshape(-1, k)
+        weight = grid.reshape(self._parts, panels * PANEL, k)[:, : self.n_out].reshape(-1, k)
+        if self._order is None:
+            return weight
+        return torch.empty_like(weight).index_copy_(0, self._order, weight)
 
     def __call__(
         self,
@@ -182,6 +218,50 @@ class PackedF32Gemm:
         return cpu_kernels.call_gemm(
             self._fn, self._refs[mode], x, norm, eps, residual, y, "pie_f32_gemm"
         )
+
+    def rotated(
+        self,
+        x: torch.Tensor,  # [M, K] float32
+        positions: torch.Tensor,  # [M] int64, each < the tables' rows
+        cos: torch.Tensor,  # [max_position, head_dim] float32 table
+        sin: torch.Tensor,  # [max_position, head_dim] float32 table, first half negated
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+    ) -> torch.Tensor:  # [M, N]: x @ W.T + bias, RoPE applied to outputs [0, rope_cols)
+        """The matmul with RoPE folded in: what `rope` would give for the q/k heads of
+        `self(x, MODE_PLAIN)`, bit for bit, without another pass over them."""
+        if not self.rope_cols:
+            raise ValueError("this matrix was packed without a RoPE layout")
+        if x.dim() != 2 or x.shape[1] != self.in_features or positions.shape != x.shape[:1]:
+            raise ValueError(
+                f"x {list(x.shape)} and positions {list(positions.shape)} do not match a weight "
+                f"of {self.in_features} inputs"
+            )
+        head_dim = self.head_dim
+        if cos.shape[1:] != (head_dim,) or sin.shape != cos.shape or cos.dtype != torch.float32:
+            raise ValueError(f"RoPE tables must be float32 [max_position, {head_dim}]")
+        rows = x.shape[0]
+        y = torch.empty((rows, self.n_out), dtype=torch.float32)
+        if rows == 0:
+            return y
+        x = _rows_ready(x)
+        positions = positions.to(torch.int64).contiguous()
+        rc = self._rope_fn(
+            self._refs[MODE_PLAIN],
+            x.data_ptr(),
+            x.stride(0),
+            rows,
+            None if norm is None else norm.data_ptr(),
+            eps,
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            y.data_ptr(),
+            y.stride(0),
+            torch.get_num_threads(),
+        )
+        cpu_kernels.check(rc, f"pie_f32_gemm_rope on {rows} rows")
+        return y
 
 
 # ---- attention -------------------------------------------------------------------------------------

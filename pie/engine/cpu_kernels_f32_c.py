@@ -2,7 +2,7 @@
 
 Entry points, each one call where torch needs several ops:
 `pie_f32_gemm` (weight matmul for any number of rows, with the RMSNorm before and the bias,
-residual add or SwiGLU after), `pie_f32_decode_attention` (one new token per sequence, straight
+residual add or SwiGLU after; `pie_f32_gemm_rope` also rotates q and k), `pie_f32_decode_attention` (one new token per sequence, straight
 from the paged KV cache) and `pie_f32_rope`. Everything is float32 with the operations of HF's
 Llama in float32, so results match torch's but for summation order.
 """
@@ -177,17 +177,65 @@ typedef struct { /* one packed weight matrix; filled once from Python */
     int64_t k;     /* input width */
     int64_t n_out; /* outputs (gated: of one half) */
     int32_t mode;  /* gated matrices: MODE_SWIGLU, or MODE_GATED_PLAIN for [x.gate | x.up] */
+    /* RoPE layout: outputs [0, rope_cols) are heads of head_dim (a multiple of 16), and each of
+       their panels holds 8 outputs of a head's first half and, after them, their 8 partners of
+       its second half, so RoPE can rotate a panel's sums on their own (0: no such outputs) */
+    int64_t rope_cols;
+    int64_t head_dim;
 } PackedF32;
+
+typedef struct { /* where one call's results go, and what is folded into them */
+    const float *residual; /* [rows][res_stride], MODE_ADD */
+    int64_t res_stride;
+    const int64_t *positions; /* [rows]: RoPE of the rope_cols outputs at these positions, */
+    const float *cos, *sin;   /* [max_position][head_dim] tables (sin's first half negated); */
+                              /* positions NULL: no rotation */
+    float *y;
+    int64_t y_stride;
+} Output;
+
+/* A panel of RoPE-layout outputs from n0: the first 8 sums go to the head's columns lo..lo+8,
+   the last 8 to their partners half further, + bias, rotated where positions are given with
+   the operations of pie_f32_rope: y[i] = x[i] cos[i] + x[partner] sin[i]. */
+static void rope_epilogue(const PackedF32 *pw, const float *acc, int64_t m0, int64_t rows,
+                          int64_t n0, const Output *out) {
+    const int64_t dim = pw->head_dim, half = dim / 2, at = (n0 % dim) / 2; /* at: lo in head */
+    const int64_t lo = n0 - n0 % dim + at, hi = lo + half;
+    for (int64_t i = 0; i < rows; ++i) {
+        __m256 a = _mm256_loadu_ps(acc + i * PANEL), b = _mm256_loadu_ps(acc + i * PANEL + 8);
+        if (pw->bias != NULL) {
+            a = _mm256_add_ps(a, _mm256_loadu_ps(pw->bias + lo));
+            b = _mm256_add_ps(b, _mm256_loadu_ps(pw->bias + hi));
+        }
+        if (out->positions != NULL) {
+            const float *c = out->cos + out->positions[m0 + i] * dim + at;
+            const float *s = out->sin + out->positions[m0 + i] * dim + at;
+            const __m256 ra = _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c)),
+                                            _mm256_mul_ps(b, _mm256_loadu_ps(s)));
+            const __m256 rb = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half)),
+                                            _mm256_mul_ps(a, _mm256_loadu_ps(s + half)));
+            a = ra;
+            b = rb;
+        }
+        float *yi = out->y + (m0 + i) * out->y_stride;
+        _mm256_storeu_ps(yi + lo, a);
+        _mm256_storeu_ps(yi + hi, b);
+    }
+}
 
 /* y[m, n0:n0+16] for `rows` rows from m0, from the panel's sums acc[row][16] (and up[row][16]
    for SwiGLU): + bias, + residual (MODE_ADD) or silu(gate) * up */
 static void epilogue(const PackedF32 *pw, const float *acc, const float *up, int64_t m0,
-                     int64_t rows, int64_t n0, const float *residual, int64_t res_stride,
-                     float *y, int64_t y_stride) {
+                     int64_t rows, int64_t n0, const Output *out) {
+    if (n0 < pw->rope_cols) {
+        rope_epilogue(pw, acc, m0, rows, n0, out);
+        return;
+    }
     const int64_t n1 = min64(n0 + PANEL, pw->n_out);
     for (int64_t i = 0; i < rows; ++i) {
-        float *yi = y + (m0 + i) * y_stride;
-        const float *ri = residual == NULL ? NULL : residual + (m0 + i) * res_stride;
+        float *yi = out->y + (m0 + i) * out->y_stride;
+        const float *ri =
+            out->residual == NULL ? NULL : out->residual + (m0 + i) * out->res_stride;
         const float *ai = acc + i * PANEL, *ui = up + i * PANEL;
         if (n1 - n0 == PANEL) {
             for (int h = 0; h < PANEL; h += 8) {
@@ -212,16 +260,17 @@ static void epilogue(const PackedF32 *pw, const float *acc, const float *up, int
 /* A gated matrix's sums: silu(gate) * up into y, or (MODE_GATED_PLAIN) gate into columns
    [0, n_out) and up into [n_out, 2 n_out) of y; any other matrix: `epilogue`. */
 static void finish(const PackedF32 *pw, const float *acc, const float *up, int64_t m0,
-                   int64_t rows, int64_t n0, const float *residual, int64_t res_stride, float *y,
-                   int64_t y_stride) {
+                   int64_t rows, int64_t n0, const Output *out) {
     if (pw->mode != MODE_GATED_PLAIN) {
-        epilogue(pw, acc, up, m0, rows, n0, residual, res_stride, y, y_stride);
+        epilogue(pw, acc, up, m0, rows, n0, out);
         return;
     }
     PackedF32 plain = *pw;
     plain.mode = MODE_PLAIN;
-    epilogue(&plain, acc, NULL, m0, rows, n0, NULL, 0, y, y_stride);
-    epilogue(&plain, up, NULL, m0, rows, n0, NULL, 0, y + pw->n_out, y_stride);
+    Output ups = *out;
+    ups.y += pw->n_out;
+    epilogue(&plain, acc, NULL, m0, rows, n0, out);
+    epilogue(&plain, up, NULL, m0, rows, n0, &ups);
 }
 
 /* rsqrt(mean(x^2) + eps) of one row, as HF's float32 RMSNorm computes it */
@@ -264,10 +313,9 @@ static void normalize_rows(const float *x, int64_t x_stride, int64_t rows, int64
 }
 
 /* y[m, :] for m < rows: (rms_norm(x[m]) if norm_w) @ W^T, then + bias, + residual (MODE_ADD)
-   or silu(gate) * up (MODE_SWIGLU). Threads split the panels. */
-int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
-                 const float *norm_w, float eps, const float *residual, int64_t res_stride,
-                 float *y, int64_t y_stride, int32_t threads) {
+   or silu(gate) * up (MODE_SWIGLU), RoPE where out->positions. Threads split the panels. */
+static int gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
+                const float *norm_w, float eps, const Output *out, int32_t threads) {
     if (rows < 1) return -1;
     const int64_t k = pw->k;
     const int swiglu = pw->mode == MODE_SWIGLU || pw->mode == MODE_GATED_PLAIN; /* two halves */
@@ -293,7 +341,7 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
             const float *wu = pw->w + u * unit_floats;
             row_dot(wu, a, k, acc);
             if (swiglu) row_dot(wu + k * PANEL, a, k, up);
-            finish(pw, acc, up, 0, 1, u * PANEL, residual, res_stride, y, y_stride);
+            finish(pw, acc, up, 0, 1, u * PANEL, out);
         }
         free(normed);
         return 0;
@@ -316,11 +364,28 @@ int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t 
                     }
                 }
             }
-            finish(pw, acc, up, r0, n, u * PANEL, residual, res_stride, y, y_stride);
+            finish(pw, acc, up, r0, n, u * PANEL, out);
         }
     }
     free(normed);
     return 0;
+}
+
+int pie_f32_gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
+                 const float *norm_w, float eps, const float *residual, int64_t res_stride,
+                 float *y, int64_t y_stride, int32_t threads) {
+    const Output out = {residual, res_stride, NULL, NULL, NULL, y, y_stride};
+    return gemm(pw, x, x_stride, rows, norm_w, eps, &out, threads);
+}
+
+/* pie_f32_gemm of a matrix with a RoPE layout, its q/k outputs rotated at `positions` (the
+   rope pass of a layer folded into its qkv matmul); -3 for a matrix without that layout */
+int pie_f32_gemm_rope(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
+                      const float *norm_w, float eps, const int64_t *positions, const float *cos,
+                      const float *sin, float *y, int64_t y_stride, int32_t threads) {
+    if (pw->rope_cols <= 0) return -3;
+    const Output out = {NULL, 0, positions, cos, sin, y, y_stride};
+    return gemm(pw, x, x_stride, rows, norm_w, eps, &out, threads);
 }
 
 /* ---- decode attention over paged KV ---------------------------------------------------------- */

@@ -43,7 +43,9 @@ def _mkldnn_bf16_usable() -> bool:
 class Linear:
     """A weight matrix [out, in] (+ optional bias [out]) ready to multiply.
 
-    `gated` marks a fused [gate; up] matrix that is used through `swiglu`.
+    `gated` marks a fused [gate; up] matrix that is used through `swiglu`. `rope_heads` heads of
+    `head_dim` outputs first (q and k of a qkv matrix) ask for RoPE folded into the matmul where
+    the float32 kernel takes them; `folds_rope` says whether it does, then `rotated` runs it.
     """
 
     def __init__(
@@ -53,6 +55,8 @@ class Linear:
         *,
         gated: bool = False,
         arena: cpu_kernels.HugePageArena | None = None,  # where the kernel's packed copy goes
+        rope_heads: int = 0,
+        head_dim: int = 0,
     ) -> None:
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size()
@@ -66,7 +70,11 @@ class Linear:
         cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
         f32_lib = cpu_kernels_f32.load() if cpu_f32 else None
         if f32_lib is not None and not (gated and (bias is not None or self.out_features % 2)):
-            self.f32 = cpu_kernels_f32.PackedF32Gemm(f32_lib, weight, bias, gated, arena)
+            if gated or head_dim % 16:
+                rope_heads = 0  # the kernel's RoPE layout needs whole panels of pairs
+            self.f32 = cpu_kernels_f32.PackedF32Gemm(
+                f32_lib, weight, bias, gated, arena, rope_heads=rope_heads, head_dim=head_dim
+            )
             self.weight = None  # the packed copy replaces it (`unpacked` rebuilds it)
             self.bias = self.f32.bias
         elif cpu_f32:
@@ -85,6 +93,24 @@ class Linear:
                     self.weight = None  # the packed copy replaces it
                 except RuntimeError:  # oneDNN without bf16 support on this CPU: F.linear
                     self.packed = None
+
+    @property
+    def folds_rope(self) -> bool:
+        return self.f32 is not None and self.f32.rope_cols > 0
+
+    def rotated(
+        self,
+        x: torch.Tensor,  # [T, in] float32
+        positions: torch.Tensor,  # [T]
+        cos: torch.Tensor,  # [max_position, head_dim] tables as pie.engine.model builds them
+        sin: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+    ) -> torch.Tensor:  # [T, out]: x @ W.T + b, its first rope_heads heads rotated by RoPE
+        if self.f32 is None or not self.folds_rope:
+            raise ValueError("this matrix does not fold RoPE in (check folds_rope)")
+        return self.f32.rotated(x, positions, cos, sin, norm, eps)
 
     def unpacked(self) -> torch.Tensor | None:
         """The weight [out, in] as given, or None where only a bf16 kernel's packing holds it."""

@@ -172,10 +172,19 @@ class LlamaModel:
             bias = None
             if config.attention_bias:
                 bias = torch.cat([w(p + "bq"), w(p + "bk"), w(p + "bv")])
+            # RoPE folds into the qkv matmul where q and k are rotated straight from it (Qwen3
+            # normalizes them first): one pass over them fewer a layer
+            qk_norm = p + "q_norm" in weights
             self.layers.append(
                 LayerWeights(
                     attn_norm=w(p + "attn_norm"),
-                    qkv=Linear(fused(p + "wq", p + "wk", p + "wv"), bias, arena=arena),
+                    qkv=Linear(
+                        fused(p + "wq", p + "wk", p + "wv"),
+                        bias,
+                        arena=arena,
+                        rope_heads=0 if qk_norm else config.num_heads + config.num_kv_heads,
+                        head_dim=config.head_dim,
+                    ),
                     q_norm=opt(p + "q_norm"),
                     k_norm=opt(p + "k_norm"),
                     o=Linear(w(p + "wo"), arena=arena),
@@ -223,6 +232,38 @@ class LlamaModel:
         sin = self.rope_sin.index_select(0, positions)[:, None, :]
         return cos, sin
 
+    def _attention_inputs(
+        self,
+        layer: LayerWeights,
+        x: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T]
+        rope_rows: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q [T, H, D], k and v [T, KH, D]
+        """A layer's q, k (rotated) and v from its input x."""
+        cfg = self.config
+        n_tokens, heads, kv_heads, dim = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = heads * dim, kv_heads * dim
+        eps = cfg.rms_norm_eps
+        if layer.qkv.folds_rope:  # rotated as the matmul writes them
+            qkv = layer.qkv.rotated(
+                x, positions, self.rope_cos, self.rope_sin, norm=layer.attn_norm, eps=eps
+            )
+        else:
+            qkv = layer.qkv(x, norm=layer.attn_norm, eps=eps)  # [T, (H + 2 KH) * D]
+        v = qkv[:, q_size + kv_size :].view(n_tokens, kv_heads, dim)
+        q = qkv[:, :q_size].view(n_tokens, heads, dim)
+        k = qkv[:, q_size : q_size + kv_size].view(n_tokens, kv_heads, dim)
+        if layer.qkv.folds_rope:
+            return q, k, v
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q = self._rotate(rms_norm(q, layer.q_norm, eps), positions, rope_rows)
+            k = self._rotate(rms_norm(k, layer.k_norm, eps), positions, rope_rows)
+            return q, k, v
+        # q and k rotate together: one call for H + KH heads
+        qk_in = qkv[:, : q_size + kv_size].view(n_tokens, heads + kv_heads, dim)
+        qk = self._rotate(qk_in, positions, rope_rows)
+        return qk[:, :heads], qk[:, heads:], v
+
     def forward(
         self,
         tokens: torch.Tensor,  # [T] int64
@@ -233,9 +274,8 @@ class LlamaModel:
         meta: Any,
     ) -> torch.Tensor:  # [O, V] float32 logits
         cfg = self.config
-        n_tokens = tokens.shape[0]
-        heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = heads * dim, kv_heads * dim
+        n_tokens, dim = tokens.shape[0], cfg.head_dim
+        q_size = cfg.num_heads * dim
         scale = dim**-0.5
         eps = cfg.rms_norm_eps
         x = F.embedding(tokens, self.embed)  # [T, hidden]
@@ -243,21 +283,7 @@ class LlamaModel:
         k_caches = kv_cache[:, 0].unbind(0)  # per layer [P, page_size, KH, D]
         v_caches = kv_cache[:, 1].unbind(0)
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
-            qkv = layer.qkv(x, norm=layer.attn_norm, eps=eps)  # [T, (H + 2 KH) * D]
-            v = qkv[:, q_size + kv_size :].view(n_tokens, kv_heads, dim)
-            if layer.q_norm is not None and layer.k_norm is not None:
-                q = rms_norm(qkv[:, :q_size].view(n_tokens, heads, dim), layer.q_norm, eps)
-                k = rms_norm(
-                    qkv[:, q_size : q_size + kv_size].view(n_tokens, kv_heads, dim),
-                    layer.k_norm,
-                    eps,
-                )
-                q = self._rotate(q, positions, rope_rows)
-                k = self._rotate(k, positions, rope_rows)
-            else:  # q and k rotate together: one call for H + KH heads
-                qk_in = qkv[:, : q_size + kv_size].view(n_tokens, heads + kv_heads, dim)
-                qk = self._rotate(qk_in, positions, rope_rows)
-                q, k = qk[:, :heads], qk[:, heads:]
+            q, k, v = self._attention_inputs(layer, x, positions, rope_rows)
             o = attention.forward(q, k, v, k_cache, v_cache, meta, scale)  # [T, H, D]
             x = layer.o(o.reshape(n_tokens, q_size), residual=x)
             x = layer.down(layer.gate_up.swiglu(x, norm=layer.mlp_norm, eps=eps), residual=x)

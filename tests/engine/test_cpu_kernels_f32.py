@@ -127,6 +127,78 @@ def test_rope_kernel_matches_apply_rope_exactly() -> None:
     assert torch.equal(got, apply_rope(x, cos[positions][:, None], sin[positions][:, None]))
 
 
+def rope_tables(dim: int, positions: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = torch.outer(torch.arange(positions).float(), 1e4 ** -(torch.arange(0, dim, 2) / dim))
+    return torch.cat([freqs.cos(), freqs.cos()], -1), torch.cat([-freqs.sin(), freqs.sin()], -1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 33])  # 1: the streaming path; more: the tiles
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (2, 1, 128)])
+def test_gemm_with_rope_folded_in_rotates_as_the_rope_kernel(
+    rows: int, heads: int, kv_heads: int, dim: int
+) -> None:
+    gen = torch.Generator().manual_seed(rows + dim)
+    qk, n, k = (heads + kv_heads) * dim, (heads + 2 * kv_heads) * dim, 70
+    w = torch.randn(n, k, generator=gen) * 0.1
+    b = torch.randn(n, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
+    norm = torch.rand(k, generator=gen) + 0.5
+    positions = torch.randint(0, 512, (rows,), generator=gen)
+    cos, sin = rope_tables(dim)
+    plain = cpu_kernels_f32.PackedF32Gemm(lib(), w, b, gated=False)
+    folded = cpu_kernels_f32.PackedF32Gemm(
+        lib(), w, b, gated=False, rope_heads=heads + kv_heads, head_dim=dim
+    )
+    assert torch.equal(folded.unpack(), w)
+    want = plain(x, cpu_kernels_f32.MODE_PLAIN, norm, 1e-5)
+    # the layout is invisible to a plain call: each sum is taken in the same order
+    assert torch.equal(folded(x, cpu_kernels_f32.MODE_PLAIN, norm, 1e-5), want)
+    got = folded.rotated(x, positions, cos, sin, norm, 1e-5)
+    rotated = cpu_kernels_f32.rope(lib(), want[:, :qk].view(rows, -1, dim), positions, cos, sin)
+    assert rotated is not None
+    assert torch.equal(got[:, :qk], rotated.view(rows, qk))  # bit for bit, bias included
+    assert torch.equal(got[:, qk:], want[:, qk:])  # v as it was
+
+
+def test_linear_folds_rope_only_where_the_layout_fits() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, positions = torch.randn(5, 32, generator=gen), torch.arange(5)
+    for dim, folds in ((64, True), (40, False)):
+        w = torch.randn(4 * dim, 32, generator=gen)
+        linear = Linear(w, rope_heads=3, head_dim=dim)
+        assert linear.folds_rope == folds
+        cos, sin = rope_tables(dim)
+        if not folds:
+            with pytest.raises(ValueError, match="does not fold RoPE"):
+                linear.rotated(x, positions, cos, sin)
+            continue
+        y = F.linear(x, w)
+        want = apply_rope(
+            y[:, : 3 * dim].view(5, 3, dim), cos[positions][:, None], sin[positions][:, None]
+        )
+        got = linear.rotated(x, positions, cos, sin)
+        close(got[:, : 3 * dim], want.reshape(5, -1))
+        close(got[:, 3 * dim :], y[:, 3 * dim :])
+
+
+def test_gemm_with_rope_refuses_what_its_layout_cannot_take() -> None:
+    w = torch.randn(6 * 64, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=False, rope_heads=4, head_dim=40)
+    with pytest.raises(ValueError, match="at most its"):
+        cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=False, rope_heads=7, head_dim=64)
+    cos, sin = rope_tables(64)
+    x, positions = torch.randn(2, 32), torch.arange(2)
+    plain = cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=False)
+    with pytest.raises(ValueError, match="without a RoPE layout"):
+        plain.rotated(x, positions, cos, sin)
+    folded = cpu_kernels_f32.PackedF32Gemm(lib(), w, None, gated=False, rope_heads=4, head_dim=64)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        folded.rotated(x, positions, cos[:, :32], sin[:, :32])
+    with pytest.raises(ValueError, match="positions"):
+        folded.rotated(x, positions[:1], cos, sin)
+
+
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "dim", "l_max"),
     [
