@@ -96,7 +96,9 @@ class Engine:
             from pie.engine.cuda.fused_model import FusedLlamaModel
 
             model_class = FusedLlamaModel
-        net = model_class(loaded.config, loaded.weights, dev, dtype or default_dtype(dev))
+        net = model_class(
+            loaded.config, loaded.weights, dev, dtype or default_dtype(dev), blocks=loaded.blocks
+        )
         engine = cls(net, tokenizer, num_pages=num_pages, page_size=page_size, attention=backend)
         if backend_name == "triton" and dev.type == "cuda":  # decode steps replay CUDA graphs
             from pie.engine.cuda import cuda_graphs

@@ -10,7 +10,8 @@ type (the K-quants, for one) goes to gguf-py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -87,3 +88,50 @@ def dequantize(data: np.ndarray, qtype: QType) -> torch.Tensor:
         raise ValueError(f"{qtype.name} rows of {row_bytes} bytes are not whole blocks")
     out = decode(raw.view(torch.uint8).reshape(-1, block_bytes))
     return out.reshape(*rows, row_bytes // block_bytes * values)
+
+
+# Block types the float32 CPU kernels compute from directly (pie.engine.cpu_kernels_f32)
+KERNEL_BLOCK_TYPES = (QType.Q4_1, QType.Q8_0)
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """A matrix as a GGUF file stores it: rows of quantized blocks, kept beside its float32
+    dequantization for the kernels that compute from the blocks (fewer bytes to stream)."""
+
+    qtype: QType
+    blocks: torch.Tensor  # uint8 [rows, row bytes]
+
+    @property
+    def shape(self) -> tuple[int, int]:  # of the matrix it holds
+        block_bytes, values, _ = _BLOCKS[self.qtype]
+        return self.blocks.shape[0], self.blocks.shape[1] // block_bytes * values
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.blocks.numpy(), self.qtype)
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Per block: the float32 scale d [rows, blocks], the float32 offset m (Q4_1; Q8_0:
+        None) and the quantized values [rows, blocks, 32] (uint8 0..15, or int8), as
+        `dequantize` combines them (w = d * q + m, or q * d)."""
+        block_bytes, values, _ = _BLOCKS[self.qtype]
+        rows = self.blocks.shape[0]
+        b = self.blocks.reshape(-1, block_bytes)
+        d = _half(b, 0).view(rows, -1)
+        if self.qtype == QType.Q4_1:
+            return d, _half(b, 2).view(rows, -1), _nibbles(b[:, 4:]).view(rows, -1, values)
+        if self.qtype == QType.Q8_0:
+            return d, None, b[:, 2:].contiguous().view(torch.int8).view(rows, -1, values)
+        raise ValueError(f"{self.qtype.name} blocks are not split here")
+
+    @staticmethod
+    def stack(parts: Sequence[BlockWeight]) -> BlockWeight | None:
+        """The parts' rows one after another, or None unless they share one block type."""
+        if not parts or any(p.qtype != parts[0].qtype for p in parts):
+            return None
+        if any(p.blocks.shape[1] != parts[0].blocks.shape[1] for p in parts):
+            return None
+        return BlockWeight(parts[0].qtype, torch.cat([p.blocks for p in parts]))
+
+    def rows(self, order: torch.Tensor) -> BlockWeight:
+        return BlockWeight(self.qtype, self.blocks.index_select(0, order))

@@ -1,7 +1,8 @@
 """Weight loading: GGUF files (pie.engine.gguf_file) and HF folders (config.json + *.safetensors).
 
 Both produce a `ModelConfig` and a dict of float32 CPU tensors under our canonical names
-(`embed`, `final_norm`, `lm_head`, `layers.{i}.wq` ...), so the model never sees file formats.
+(`embed`, `final_norm`, `lm_head`, `layers.{i}.wq` ...), so the model never sees file formats;
+a GGUF's Q4_1/Q8_0 matrices also come as their blocks, which the float32 CPU kernels read.
 """
 
 from __future__ import annotations
@@ -9,16 +10,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pie.engine.config import ModelConfig, config_from_gguf, config_from_hf
 from pie.engine.errors import ModelLoadError
 from pie.engine.gguf_file import GGUFFile, read_gguf
-from pie.engine.gguf_tensors import dequantize
+from pie.engine.gguf_tensors import KERNEL_BLOCK_TYPES, BlockWeight, dequantize
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -46,6 +48,8 @@ GLOBAL_TENSORS = {
     "lm_head": ("output.weight", "lm_head.weight"),
 }
 OPTIONAL = {"bq", "bk", "bv", "q_norm", "k_norm", "lm_head"}
+# matrices whose GGUF blocks are kept for the kernels that compute from them
+MATRICES = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "embed", "lm_head"}
 
 
 @dataclass
@@ -54,6 +58,8 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
     source: Path
     gguf_file: GGUFFile | None = None  # kept so the tokenizer reads the same header once
+    # GGUF matrices in a block type the float32 CPU kernels read directly, by weights' names
+    blocks: dict[str, BlockWeight] = field(default_factory=dict)
 
 
 def default_model_path() -> Path:
@@ -92,13 +98,33 @@ def _load_gguf(path: Path) -> LoadedModel:
         return None if t is None else dequantize(t.data, t.tensor_type)
 
     weights = _collect(config, lambda pair: read(pair[0]), str(path))
+    blocks = {}
+    for key in weights:
+        tensor = tensors[_gguf_name(key)]
+        if key.rsplit(".", 1)[-1] in MATRICES and tensor.tensor_type in KERNEL_BLOCK_TYPES:
+            blocks[key] = BlockWeight(tensor.tensor_type, torch.from_numpy(np.array(tensor.data)))
     if config.family in ("llama", "mistral"):
         # llama.cpp stores Q and K rows interleaved for its rotary layout; transformers undoes
         # this on load and so do we (a mismatch moves logits by tens, not by rounding).
         for i in range(config.num_layers):
-            weights[f"layers.{i}.wq"] = _unpermute(weights[f"layers.{i}.wq"], config.num_heads)
-            weights[f"layers.{i}.wk"] = _unpermute(weights[f"layers.{i}.wk"], config.num_kv_heads)
-    return LoadedModel(config, weights, path, gguf_file=parsed)
+            for key, heads in (
+                (f"layers.{i}.wq", config.num_heads),
+                (f"layers.{i}.wk", config.num_kv_heads),
+            ):
+                weights[key] = _unpermute(weights[key], heads)
+                if key in blocks:
+                    blocks[key] = BlockWeight(
+                        blocks[key].qtype, _unpermute(blocks[key].blocks, heads)
+                    )
+    return LoadedModel(config, weights, path, gguf_file=parsed, blocks=blocks)
+
+
+def _gguf_name(key: str) -> str:
+    """The GGUF name of one of our weight names ("layers.3.wq" -> "blk.3.attn_q.weight")."""
+    if key.startswith("layers."):
+        _, index, short = key.split(".")
+        return LAYER_TENSORS[short][0].format(i=index)
+    return GLOBAL_TENSORS[key][0]
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

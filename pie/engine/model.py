@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from pie.engine import cpu_kernels, cpu_kernels_f32
 from pie.engine.config import ModelConfig
+from pie.engine.gguf_tensors import BlockWeight
 from pie.engine.linear import Linear, rms_norm
 
 
@@ -134,6 +136,7 @@ class LlamaModel:
         weights: dict[str, torch.Tensor],
         device: torch.device,
         dtype: torch.dtype,
+        blocks: Mapping[str, BlockWeight] | None = None,  # GGUF blocks of some of `weights`
     ) -> None:
         self.config = config
         self.device = device
@@ -146,6 +149,11 @@ class LlamaModel:
 
         def opt(name: str) -> torch.Tensor | None:
             return w(name) if name in weights else None
+
+        def matrix_blocks(*names: str) -> BlockWeight | None:  # of these rows stacked, if kept
+            if blocks is None or any(n not in blocks for n in names):
+                return None
+            return BlockWeight.stack([blocks[n] for n in names])
 
         def fused(*names: str) -> torch.Tensor:  # rows stacked, converted in the same pass
             parts = [weights[n] for n in names]
@@ -184,17 +192,27 @@ class LlamaModel:
                         arena=arena,
                         rope_heads=0 if qk_norm else config.num_heads + config.num_kv_heads,
                         head_dim=config.head_dim,
+                        blocks=matrix_blocks(p + "wq", p + "wk", p + "wv"),
                     ),
                     q_norm=opt(p + "q_norm"),
                     k_norm=opt(p + "k_norm"),
-                    o=Linear(w(p + "wo"), arena=arena),
+                    o=Linear(w(p + "wo"), arena=arena, blocks=matrix_blocks(p + "wo")),
                     mlp_norm=w(p + "mlp_norm"),
-                    gate_up=Linear(fused(p + "w_gate", p + "w_up"), gated=True, arena=arena),
-                    down=Linear(w(p + "w_down"), arena=arena),
+                    gate_up=Linear(
+                        fused(p + "w_gate", p + "w_up"),
+                        gated=True,
+                        arena=arena,
+                        blocks=matrix_blocks(p + "w_gate", p + "w_up"),
+                    ),
+                    down=Linear(w(p + "w_down"), arena=arena, blocks=matrix_blocks(p + "w_down")),
                 )
             )
         tied = config.tie_word_embeddings or "lm_head" not in weights
-        self.lm_head = Linear(self.embed if tied else w("lm_head"), arena=arena)
+        self.lm_head = Linear(
+            self.embed if tied else w("lm_head"),
+            arena=arena,
+            blocks=matrix_blocks("embed" if tied else "lm_head"),
+        )
         # Tables in the model dtype, as HF casts cos/sin to the activations' dtype.
         freqs = torch.outer(
             torch.arange(config.max_position, dtype=torch.float32), rope_inv_freq(config)

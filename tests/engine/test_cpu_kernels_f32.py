@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QType
 
 from pie.engine import cpu_kernels, cpu_kernels_f32, random_model
 from pie.engine.attention import TorchAttention
-from pie.engine.linear import Linear, rms_norm
+from pie.engine.gguf_tensors import BlockWeight
+from pie.engine.linear import BLOCK_MAX_ROWS, Linear, rms_norm
+from pie.engine.loader import load_model
 from pie.engine.model import LlamaModel, apply_rope
 from pie.engine.request import ForwardBatch, SequenceForward
 from tests.engine.attention_reference import (
@@ -99,6 +102,80 @@ def test_packing_round_trips_and_arena_packs_alike(n: int, gated: bool) -> None:
     )
     assert torch.equal(alone.unpack(), w)
     assert torch.equal(alone(x, mode), in_arena(x, mode))
+
+
+def random_blocks(qtype: QType, rows: int, k: int, seed: int) -> BlockWeight:
+    """Random GGUF blocks of `qtype` ([rows, k] values): float16 scales, random values."""
+    gen = torch.Generator().manual_seed(seed)
+    n = rows * k // 32
+    scales = (torch.randn(n, 2, generator=gen) * 0.05).half().view(torch.uint8)  # d, m
+    if qtype == QType.Q4_1:
+        values = torch.randint(0, 256, (n, 16), generator=gen, dtype=torch.uint8)
+        data = torch.cat([scales, values], dim=1)  # d, m, 16 bytes of nibbles
+    else:
+        values = torch.randint(-128, 128, (n, 32), generator=gen, dtype=torch.int8)
+        data = torch.cat([scales[:, :2], values.view(torch.uint8)], dim=1)  # d, 32 int8
+    return BlockWeight(qtype, data.reshape(rows, -1))
+
+
+# 1: the streaming path; 7, 33: tiles; 500: several row chunks
+@pytest.mark.parametrize("rows", [1, 7, 33, 500])
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])
+def test_gemm_from_gguf_blocks_is_the_float32_gemm_bit_for_bit(rows: int, qtype: QType) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    blocks, gated_blocks = random_blocks(qtype, 200, 96, 1), random_blocks(qtype, 192, 96, 2)
+    w, gated_w = blocks.dequantize(), gated_blocks.dequantize()
+    bias = torch.randn(200, generator=gen)
+    x, res = torch.randn(rows, 96, generator=gen), torch.randn(rows, 200, generator=gen)
+    norm = torch.rand(96, generator=gen) + 0.5
+    positions = torch.randint(0, 512, (rows,), generator=gen)
+    cos, sin = rope_tables(32)
+    arena = cpu_kernels.HugePageArena()
+    for kw in ({}, {"arena": arena}):
+        plain = cpu_kernels_f32.PackedF32Gemm(lib(), w, bias, False, rope_heads=4, head_dim=32)
+        packed = cpu_kernels_f32.PackedF32Gemm(
+            lib(), w, bias, False, rope_heads=4, head_dim=32, blocks=blocks, **kw
+        )
+        assert torch.equal(packed.unpack(), w)
+        for mode, extra in (
+            (cpu_kernels_f32.MODE_PLAIN, {}),
+            (cpu_kernels_f32.MODE_ADD, {"residual": res}),
+        ):
+            assert torch.equal(
+                packed(x, mode, norm, 1e-5, **extra), plain(x, mode, norm, 1e-5, **extra)
+            )
+        rotated = packed.rotated(x, positions, cos, sin, norm, 1e-5)
+        assert torch.equal(rotated, plain.rotated(x, positions, cos, sin, norm, 1e-5))
+        gated = cpu_kernels_f32.PackedF32Gemm(lib(), gated_w, None, True, blocks=gated_blocks, **kw)
+        gated_plain = cpu_kernels_f32.PackedF32Gemm(lib(), gated_w, None, True)
+        for mode in (cpu_kernels_f32.MODE_SWIGLU, cpu_kernels_f32.MODE_PLAIN):
+            assert torch.equal(gated(x, mode), gated_plain(x, mode))
+    close(plain(x, cpu_kernels_f32.MODE_PLAIN), F.linear(x, w, bias))  # and both are the matmul
+
+
+def test_linear_streams_the_blocks_for_few_rows_only() -> None:
+    blocks = random_blocks(QType.Q4_1, 64, 64, 5)
+    w = blocks.dequantize()
+    linear = Linear(w, blocks=blocks)
+    assert linear.f32 is not None and linear.f32_blocks is not None
+    assert linear.nbytes == 4 * 2 * 384  # 4 panels of 2 records: what batch 1 reads
+    calls: list[str] = []
+    for name, packing in (("f32", linear.f32), ("blocks", linear.f32_blocks)):
+        kernel = packing._fn
+        packing._fn = lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a)
+    for rows in (1, BLOCK_MAX_ROWS, BLOCK_MAX_ROWS + 1):
+        x = torch.randn(rows, 64)
+        close(linear(x), F.linear(x, w))
+    assert calls == ["blocks", "blocks", "f32"]
+    assert Linear(w, blocks=random_blocks(QType.Q4_1, 64, 32, 6)).f32_blocks is None  # not w's
+
+
+def test_loader_keeps_the_gguf_blocks_of_the_embedded_model() -> None:
+    loaded = load_model()
+    for key in ("layers.0.wq", "layers.0.wk", "layers.3.w_down", "embed"):
+        assert torch.equal(loaded.blocks[key].dequantize(), loaded.weights[key]), key
+    assert loaded.blocks["layers.0.wq"].qtype == QType.Q4_1
+    assert loaded.blocks["embed"].qtype == QType.Q8_0
 
 
 def test_linear_uses_the_kernel_for_every_row_count() -> None:
