@@ -273,6 +273,15 @@ static void decode_slice(int32_t qtype, const uint8_t *panel, int64_t p0, int64_
         b0 = _mm256_fmadd_ps(wb0, xb, b0);                                                    \
         b1 = _mm256_fmadd_ps(wb1, xb, b1);                                                    \
     }
+/* Records are requested this far ahead of the one decoded: at one row the loop outruns what the
+   hardware prefetcher keeps in flight from DRAM (measured, one thread over 135 MB of Q4_1
+   records: 7.7 -> 10.0 G weights/s; two threads 15 -> 17.8) */
+#define BLOCK_PREFETCH_BYTES 3072
+static inline void prefetch_record(const uint8_t *record, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64)
+        _mm_prefetch((const char *)(record + BLOCK_PREFETCH_BYTES + line), _MM_HINT_T0);
+}
+
 static void row_dot_blocks(int32_t qtype, const uint8_t *panel, const float *x, int64_t k,
                            float *out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -281,6 +290,7 @@ static void row_dot_blocks(int32_t qtype, const uint8_t *panel, const float *x, 
     if (qtype == QTYPE_Q4_1) {
         for (int64_t p0 = 0; p0 < k; p0 += QBLOCK) {
             const uint8_t *record = panel + p0 / QBLOCK * Q4_1_RECORD, *q = record + 8 * PANEL;
+            prefetch_record(record, Q4_1_RECORD);
             const float *d = (const float *)record, *xp = x + p0;
             const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
             const __m256 m0 = _mm256_loadu_ps(d + PANEL), m1 = _mm256_loadu_ps(d + PANEL + 8);
@@ -289,6 +299,7 @@ static void row_dot_blocks(int32_t qtype, const uint8_t *panel, const float *x, 
     } else {
         for (int64_t p0 = 0; p0 < k; p0 += QBLOCK) {
             const uint8_t *record = panel + p0 / QBLOCK * Q8_0_RECORD, *q = record + 4 * PANEL;
+            prefetch_record(record, Q8_0_RECORD);
             const float *d = (const float *)record, *xp = x + p0;
             const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
             ROW_DOT_BLOCK(Q8_0_WEIGHTS)
