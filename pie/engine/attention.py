@@ -152,6 +152,20 @@ class TorchAttention:
             causal=causal and not full,
         )
 
+    @staticmethod
+    def decode_rows(
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """What a decode attention kernel takes for a batch of one-token decodes, in order:
+        kv_rows [B, Lmax], kv_lens [B], mask [B, Lmax] or None, slot_rows [B]; None for any
+        other batch."""
+        groups = meta.groups
+        if len(groups) != 1 or groups[0].q_max != 1 or groups[0].token_rows is not None:
+            return None
+        g = groups[0]
+        mask = None if g.mask is None else g.mask.view(g.batch, g.kv_len)
+        return g.kv_rows, g.kv_lens, mask, meta.slot_rows
+
     def forward(
         self,
         q: torch.Tensor,  # [T, H, D]
@@ -166,16 +180,10 @@ class TorchAttention:
         k_flat = k_cache.view(-1, kv_heads, dim)  # [P * page_size, KH, D]
         v_flat = v_cache.view(-1, kv_heads, dim)
         groups = meta.groups
-        if (
-            len(groups) == 1
-            and groups[0].q_max == 1
-            and groups[0].token_rows is None
-            and _use_decode_kernel(q, k_cache, v, kv_heads, dim)
-        ):  # all decodes: one kernel call writes the new K/V and attends
-            g = groups[0]
-            mask = None if g.mask is None else g.mask.view(g.batch, g.kv_len)
-            new = (k, v, meta.slot_rows)
-            return _decode_kernel(q)(q, k_flat, v_flat, g.kv_rows, g.kv_lens, mask, scale, new)
+        decode = self.decode_rows(meta)
+        if decode is not None and _use_decode_kernel(q, k_cache, v, kv_heads, dim):
+            # all decodes: one kernel call writes the new K/V and attends
+            return _decode_kernel(q)(q, k_flat, v_flat, *decode[:3], scale, (k, v, decode[3]))
         k_flat.index_copy_(0, meta.slot_rows, k if k.dtype == k_flat.dtype else k.to(k_flat.dtype))
         v_flat.index_copy_(0, meta.slot_rows, v if v.dtype == v_flat.dtype else v.to(v_flat.dtype))
         k_heads = k_cache.view(-1, dim)  # [P * page_size * KH, D]

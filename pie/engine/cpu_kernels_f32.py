@@ -53,11 +53,23 @@ class _PackedF32(ctypes.Structure):
     ]
 
 
+class _DecodeLayer(ctypes.Structure):  # DecodeLayerF32
+    _fields_ = [
+        (name, _P)
+        for name in ("qkv", "o", "gate_up", "down", "attn_norm", "mlp_norm", "k_cache", "v_cache")
+    ]
+
+
 # block type -> (the C kernel's QTYPE_, bytes of a panel's record for 32 inputs)
 _QTYPES = {QType.Q4_1: (1, 384), QType.Q8_0: (2, 576)}
 _QBLOCK = 32  # inputs per quantized block
 
 
+# layers, n_layers, x, batch, hidden, mlp, eps, positions, cos, sin, kv_rows, kv_lens, mask,
+# l_max, slot_rows, heads, kv_heads, dim, scale, qkv, attn, h, threads
+_DECODE_LAYERS_ARGS: list[type] = [_P, _I64, _P, _I64, _I64, _I64, ctypes.c_float, _P, _P, _P,
+                                   _P, _P, _P, _I64, _P, _I64, _I64, _I64, ctypes.c_float, _P,
+                                   _P, _P, _I32]  # fmt: skip
 # x, x_stride, rows, norm_w, eps, positions, cos, sin, y, y_stride, threads
 _GEMM_ROPE_ARGS: list[type] = [_P, _I64, _I64, _P, ctypes.c_float, _P, _P, _P, _P, _I64, _I32]
 
@@ -66,6 +78,7 @@ _SIGNATURES: dict[str, list[type]] = {  # as the bf16 kernels take them (gemm_ro
     "pie_f32_gemm_rope": [ctypes.POINTER(_PackedF32), *_GEMM_ROPE_ARGS],
     "pie_f32_decode_attention": cpu_kernels.DECODE_ATTENTION_ARGS,
     "pie_f32_rope": cpu_kernels.ROPE_ARGS,
+    "pie_f32_decode_layers": _DECODE_LAYERS_ARGS,
 }
 
 
@@ -393,3 +406,118 @@ def rope(
     if x.shape[2] % 16:
         return None
     return cpu_kernels.call_rope(lib.pie_f32_rope, torch.float32, x, positions, cos, sin)
+
+
+# ---- a decode step's layers in one call ------------------------------------------------------------
+class DecodeLayers:
+    """A model's layers as one pie_f32_decode_layers call for batches of one-token decodes.
+
+    Each layer is (qkv with a RoPE layout, o, gate_up (gated), down, attn_norm, mlp_norm, its
+    K cache, its V cache [rows, KH, D]); the matmuls' packings and the caches stay where they
+    are (this holds pointers to them: keep them alive as long as this).
+    """
+
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        layers: list[
+            tuple[
+                PackedF32Gemm,
+                PackedF32Gemm,
+                PackedF32Gemm,
+                PackedF32Gemm,
+                torch.Tensor,
+                torch.Tensor,
+                torch.Tensor,
+                torch.Tensor,
+            ]
+        ],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+    ) -> None:
+        qkv, o, gate_up, down = layers[0][:4]
+        if not (qkv.rope_cols and not o.gated and gate_up.gated and not down.gated):
+            raise ValueError("DecodeLayers takes (qkv with RoPE, o, gate_up, down) per layer")
+        self._fn = lib.pie_f32_decode_layers
+        self._table = (_DecodeLayer * len(layers))(
+            *(
+                _DecodeLayer(
+                    ctypes.addressof(qkv._specs[MODE_PLAIN]),
+                    ctypes.addressof(o._specs[MODE_ADD]),
+                    ctypes.addressof(gate_up._specs[MODE_SWIGLU]),
+                    ctypes.addressof(down._specs[MODE_ADD]),
+                    *(t.data_ptr() for t in tensors),
+                )
+                for qkv, o, gate_up, down, *tensors in layers
+            )
+        )
+        self._keep = layers
+        self.hidden, self.mlp = qkv.in_features, gate_up.n_out
+        self.heads, self.kv_heads, self.head_dim, self.eps = heads, kv_heads, head_dim, eps
+        self.qkv_width = qkv.n_out
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [B, hidden] float32 contiguous: the residual stream, updated in place
+        positions: torch.Tensor,  # [B] int64
+        cos: torch.Tensor,  # [max_position, D] RoPE tables (sin's first half negated)
+        sin: torch.Tensor,
+        kv_rows: torch.Tensor,  # [B, Lmax] int64: cache row of each slot
+        kv_lens: torch.Tensor,  # [B] int64
+        mask: torch.Tensor | None,  # [B, Lmax] bool, or None for all
+        slot_rows: torch.Tensor,  # [B] int64: where each new token's K/V goes
+        scale: float,
+    ) -> torch.Tensor:  # x, after every layer
+        batch = x.shape[0]
+        if (
+            x.shape != (batch, self.hidden)
+            or not x.is_contiguous()
+            or x.dtype != torch.float32
+            or kv_rows.dim() != 2
+            or kv_rows.shape[0] != batch
+            or any(t.shape != (batch,) for t in (positions, kv_lens, slot_rows))
+            or any(
+                t.dtype != torch.int64 or not t.is_contiguous()
+                for t in (positions, kv_rows, kv_lens, slot_rows)
+            )
+            or (mask is not None and (mask.shape != kv_rows.shape or mask.dtype != torch.bool))
+        ):
+            raise ValueError(
+                f"decode layers: x {list(x.shape)}, rows {list(kv_rows.shape)}, lens "
+                f"{list(kv_lens.shape)} do not fit together (or are not float32 / int64 / bool)"
+            )
+        if mask is not None:
+            mask = mask.contiguous()
+        scratch = torch.empty(batch * (self.qkv_width + self.heads * self.head_dim + self.mlp))
+        qkv = scratch[: batch * self.qkv_width]
+        attn = scratch[qkv.numel() : qkv.numel() + batch * self.heads * self.head_dim]
+        h = scratch[qkv.numel() + attn.numel() :]
+        rc = self._fn(
+            self._table,
+            len(self._table),
+            x.data_ptr(),
+            batch,
+            self.hidden,
+            self.mlp,
+            self.eps,
+            positions.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            kv_rows.data_ptr(),
+            kv_lens.data_ptr(),
+            None if mask is None else mask.data_ptr(),
+            kv_rows.shape[1],
+            slot_rows.data_ptr(),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            scale,
+            qkv.data_ptr(),
+            attn.data_ptr(),
+            h.data_ptr(),
+            torch.get_num_threads(),
+        )
+        cpu_kernels.check(rc, f"decode layers on {batch} sequences")
+        return x

@@ -129,14 +129,14 @@ class Linear:
         norm: torch.Tensor | None = None,
         eps: float = 0.0,
     ) -> torch.Tensor:  # [T, out]: x @ W.T + b, its first rope_heads heads rotated by RoPE
-        f32 = self._f32_for(x)
+        f32 = self.f32_for(x.shape[0])
         if f32 is None or not self.folds_rope:
             raise ValueError("this matrix does not fold RoPE in (check folds_rope)")
         return f32.rotated(x, positions, cos, sin, norm, eps)
 
-    def _f32_for(self, x: torch.Tensor) -> cpu_kernels_f32.PackedF32Gemm | None:
-        """The float32 kernel's packing for x's rows: its blocks for a few, else float32."""
-        if self.f32_blocks is not None and x.shape[0] <= BLOCK_MAX_ROWS:
+    def f32_for(self, rows: int) -> cpu_kernels_f32.PackedF32Gemm | None:
+        """The float32 kernel's packing for `rows` rows: its blocks for a few, else float32."""
+        if self.f32_blocks is not None and rows <= BLOCK_MAX_ROWS:
             return self.f32_blocks
         return self.f32
 
@@ -166,7 +166,7 @@ class Linear:
         eps: float = 0.0,
         residual: torch.Tensor | None = None,  # [T, out]: return residual + x @ W.T
     ) -> torch.Tensor:  # [T, out]
-        f32 = self._f32_for(x)
+        f32 = self.f32_for(x.shape[0])
         if f32 is not None and not self.gated and x.dtype == torch.float32:
             mode = cpu_kernels_f32.MODE_PLAIN if residual is None else cpu_kernels_f32.MODE_ADD
             return f32(x, mode, norm, eps, residual)
@@ -185,7 +185,7 @@ class Linear:
     def swiglu(
         self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0
     ) -> torch.Tensor:  # [T, out / 2]: silu(gate) * up of this [gate; up] matrix
-        f32 = self._f32_for(x)
+        f32 = self.f32_for(x.shape[0])
         if f32 is not None and self.gated and x.dtype == torch.float32:
             return f32(x, cpu_kernels_f32.MODE_SWIGLU, norm, eps)
         gemv = self.gemv

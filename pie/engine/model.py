@@ -220,6 +220,8 @@ class LlamaModel:
         cos, sin = freqs.cos(), freqs.sin()  # [max_position, D / 2]
         self.rope_cos = torch.cat([cos, cos], dim=-1).to(device, dtype)  # [max_position, D]
         self.rope_sin = torch.cat([-sin, sin], dim=-1).to(device, dtype)  # sign of rotate_half
+        # one C call for every layer of a decode step, per (packing, KV cache): see _decode_layers
+        self._decode_layer_calls: dict[tuple[bool, int], cpu_kernels_f32.DecodeLayers] = {}
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (embedding rows aside, lm_head in full)."""
@@ -282,6 +284,51 @@ class LlamaModel:
         qk = self._rotate(qk_in, positions, rope_rows)
         return qk[:, :heads], qk[:, heads:], v
 
+    def _decode_layers(
+        self, rows: int, kv_cache: torch.Tensor
+    ) -> cpu_kernels_f32.DecodeLayers | None:
+        """Every layer as one float32 C call, where the kernels run every part of them (CPU
+        float32, RoPE folded into qkv, no q/k norm): ~5 ms of a 20 ms batch-1 step was
+        Python and ctypes around ~150 kernel calls."""
+        cfg = self.config
+        lib = cpu_kernels_f32.load()
+        if (
+            lib is None
+            or self.dtype != torch.float32
+            or self.device.type != "cpu"
+            or not cpu_kernels_f32.decode_attention_supported(
+                cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            )
+        ):
+            return None
+        first = self.layers[0].qkv
+        key = (first.f32_for(rows) is first.f32_blocks, kv_cache.data_ptr())
+        if key in self._decode_layer_calls:
+            return self._decode_layer_calls[key]
+        if not all(layer.qkv.folds_rope and layer.q_norm is None for layer in self.layers):
+            return None
+        packings = [
+            [m.f32_for(rows) for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            for layer in self.layers
+        ]
+        layers = []
+        for layer, packing, (k_cache, v_cache) in zip(
+            self.layers, packings, kv_cache.unbind(0), strict=True
+        ):
+            qkv, o, gate_up, down = packing
+            if qkv is None or o is None or gate_up is None or down is None:
+                return None
+            kv_shape = (-1, cfg.num_kv_heads, cfg.head_dim)
+            norms = (layer.attn_norm, layer.mlp_norm)
+            layers.append(
+                (qkv, o, gate_up, down, *norms, k_cache.view(kv_shape), v_cache.view(kv_shape))
+            )
+        call = cpu_kernels_f32.DecodeLayers(
+            lib, layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        )
+        self._decode_layer_calls = {key: call}  # the engine keeps one KV cache
+        return call
+
     def forward(
         self,
         tokens: torch.Tensor,  # [T] int64
@@ -298,6 +345,14 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         x = F.embedding(tokens, self.embed)  # [T, hidden]
         rope_rows = None if _rope_kernel_takes(x, dim) else self._rope_rows(positions)
+        decode = getattr(attention, "decode_rows", lambda _meta: None)(meta)
+        layers = None if decode is None else self._decode_layers(n_tokens, kv_cache)
+        if layers is not None and decode is not None:  # every layer in one C call
+            kv_rows, kv_lens, mask, slot_rows = decode
+            layers(
+                x, positions, self.rope_cos, self.rope_sin, kv_rows, kv_lens, mask, slot_rows, scale
+            )
+            return self._logits(x, output_rows)
         k_caches = kv_cache[:, 0].unbind(0)  # per layer [P, page_size, KH, D]
         v_caches = kv_cache[:, 1].unbind(0)
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches, strict=True):
@@ -305,7 +360,11 @@ class LlamaModel:
             o = attention.forward(q, k, v, k_cache, v_cache, meta, scale)  # [T, H, D]
             x = layer.o(o.reshape(n_tokens, q_size), residual=x)
             x = layer.down(layer.gate_up.swiglu(x, norm=layer.mlp_norm, eps=eps), residual=x)
+        return self._logits(x, output_rows)
+
+    def _logits(self, x: torch.Tensor, output_rows: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         if output_rows.numel() == 0:  # a prefill that only fills the cache needs no LM head
             return torch.empty((0, cfg.vocab_size), dtype=torch.float32, device=x.device)
         x = x.index_select(0, output_rows)
-        return self.lm_head(x, norm=self.final_norm, eps=eps).float()
+        return self.lm_head(x, norm=self.final_norm, eps=cfg.rms_norm_eps).float()

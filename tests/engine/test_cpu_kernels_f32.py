@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -351,6 +352,60 @@ def test_float32_model_with_kernels_matches_torch_ops(
 
     for with_kernels, without in zip(run(True), run(False), strict=True):
         close(with_kernels, without, 1e-4)
+
+
+@pytest.mark.parametrize("batch", [2, 8])  # 2: the layers stream GGUF blocks; 8: float32
+def test_decode_step_in_one_call_is_the_per_layer_forward_bit_for_bit(
+    batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pie_f32_decode_layers runs the kernels the per-layer forward calls, on the same data."""
+    built = random_model.build("tiny")
+    cfg = built.config
+    weights, blocks = dict(built.weights), {}
+    for i in range(cfg.num_layers):  # the model's matrices as Q4_1 blocks
+        for j, name in enumerate(("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")):
+            key = f"layers.{i}.{name}"
+            blocks[key] = random_blocks(QType.Q4_1, *weights[key].shape, seed=10 * i + j)
+            weights[key] = blocks[key].dequantize()
+    model = LlamaModel(cfg, weights, CPU, torch.float32, blocks=blocks)
+    assert model.layers[0].qkv.f32_blocks is not None
+    attention = TorchAttention()
+    per_layer = LlamaModel._decode_layers
+
+    def decode_steps(one_call: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        monkeypatch.setattr(
+            LlamaModel, "_decode_layers", per_layer if one_call else lambda *_: None
+        )
+        cache = torch.zeros(cfg.num_layers, 2, 4 * batch, 16, cfg.num_kv_heads, cfg.head_dim)
+        seqs = [
+            SequenceForward([3 + b, 9, 2, 7, 1][: 2 + b % 4], [], [4 * b, 4 * b + 1], 0)
+            for b in range(batch)
+        ]
+        outs = []
+        for step in range(3):  # prefill, then two steps of one-token decodes
+            for s in seqs:
+                s.positions = list(range(s.context_len, s.context_len + len(s.tokens)))
+            if step == 2:  # a custom mask: the last new token skips slot 1
+                mask = np.ones((1, seqs[0].context_len + 1), dtype=bool)
+                mask[0, 1] = False
+                seqs[0].attention_mask = mask
+            meta = attention.prepare(ForwardBatch(seqs), 16, CPU)
+            tokens = torch.tensor([t for s in seqs for t in s.tokens])
+            positions = torch.tensor([p for s in seqs for p in s.positions])
+            ends = torch.tensor(np.cumsum([len(s.tokens) for s in seqs]) - 1)
+            with torch.inference_mode():
+                outs.append(model.forward(tokens, positions, ends, cache, attention, meta))
+            for s in seqs:
+                s.context_len += len(s.tokens)
+                s.tokens, s.attention_mask = [11 + step], None
+        return outs, cache
+
+    (fused, fused_cache), (layered, layered_cache) = decode_steps(True), decode_steps(False)
+    calls = model._decode_layer_calls
+    assert len(calls) == 1 and next(iter(calls))[0] == (batch <= BLOCK_MAX_ROWS)
+    for got, want in zip([*fused, fused_cache], [*layered, layered_cache], strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    assert fused[-1].isfinite().all()
 
 
 def test_split_sequences_merge_empty_and_fully_masked_runs() -> None:
