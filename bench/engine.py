@@ -16,8 +16,10 @@ first token, HF's in a logits processor on its first call — so
 Per batch size every contender runs `--repeats` times in turn after a short warm-up generate
 (oneDNN builds kernels per shape), and the fastest decode of each is kept: other tenants of a
 shared machine only ever slow a run down. The weight-read floor of one decode step is
-`weight bytes / read bandwidth`, the bandwidth measured at the start and the end of the run by
-summing a 1 GiB float32 buffer; the faster of the two readings is used (the stricter floor).
+`weight bytes / read bandwidth`, the bytes those a batch-1 step reads (a GGUF's Q4_1/Q8_0
+blocks where the float32 kernels stream them, which decode to the same float32 weights), the
+bandwidth measured at the start and the end of the run by summing a 1 GiB float32 buffer; the
+faster of the two readings is used (the stricter floor).
 "Greedy agree" is the mean common prefix of our greedy tokens and HF's, as a fraction.
 """
 
@@ -236,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bandwidth = max(bandwidths)  # the faster reading gives the stricter floor
     floor_s = weight_bytes / bandwidth
     print(
-        f"# engine dtype {dtype_name}; weights read per step {weight_bytes / 1e6:.0f} MB; read "
+        f"# engine dtype {dtype_name}; weights read per batch-1 step {weight_bytes / 1e6:.0f} MB; read "
         f"bandwidth {' / '.join(f'{bw / 1e9:.1f}' for bw in bandwidths)} GB/s (start / end); "
         f"floor {floor_s * 1e3:.2f} ms/step"
     )

@@ -224,7 +224,8 @@ class LlamaModel:
         self._decode_layer_calls: dict[tuple[bool, int], cpu_kernels_f32.DecodeLayers] = {}
 
     def weight_bytes(self) -> int:
-        """Bytes of weights one decode step reads (embedding rows aside, lm_head in full)."""
+        """Bytes of weights a batch-1 decode step reads (embedding rows aside, lm_head in full;
+        GGUF blocks where the float32 kernels stream them)."""
         total = self.lm_head.nbytes + self.final_norm.numel() * self.final_norm.element_size()
         for layer in self.layers:
             for part in vars(layer).values():
