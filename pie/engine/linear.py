@@ -6,8 +6,8 @@ after; more rows (prefill) run oneDNN's prepacked weights, ~1.4x faster than `F.
 CPU, float32 (x86-64 with AVX2): every row count runs pie.engine.cpu_kernels_f32's packed GEMM
 with the same fusions; the packed copy is the only float32 copy of the weight, and a GGUF's
 Q4_1/Q8_0 matrices are also packed from their blocks, which a few rows stream instead (the
-same weights in 3.6-5.3x fewer bytes; PIE_CPU_BLOCK_WEIGHTS=0 turns that off). Elsewhere, and wherever
-the kernels are missing, torch ops with the same meaning: the fused entry points (`norm=`,
+same weights in 3.6-5.3x fewer bytes; PIE_CPU_BLOCK_WEIGHTS=0 turns that off). Elsewhere, and
+wherever the kernels are missing, torch ops with the same meaning: the fused entry points (`norm=`,
 `residual=`, `swiglu`) give the same results on every path.
 """
 
