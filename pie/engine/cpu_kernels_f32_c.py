@@ -2,9 +2,11 @@
 
 Entry points, each one call where torch needs several ops:
 `pie_f32_gemm` (weight matmul for any number of rows, with the RMSNorm before and the bias,
-residual add or SwiGLU after; `pie_f32_gemm_rope` also rotates q and k), `pie_f32_decode_attention` (one new token per sequence, straight
-from the paged KV cache) and `pie_f32_rope`. Everything is float32 with the operations of HF's
-Llama in float32, so results match torch's but for summation order.
+residual add or SwiGLU after, from float32 or GGUF Q4_1/Q8_0 weights; `pie_f32_gemm_rope` also
+rotates q and k), `pie_f32_decode_attention` (one new token per sequence, straight from the
+paged KV cache), `pie_f32_rope`, and `pie_f32_decode_layers` (a decode step's layers in one
+call). Everything is float32 with the operations of HF's Llama in float32, so results match
+torch's but for summation order.
 """
 
 SOURCE = r"""
@@ -147,10 +149,10 @@ static void micro(const float *w, const float *a, int64_t lda, int64_t kc, int64
 }
 
 /* One row, whole k: the sums of even and odd inputs apart, so four FMA chains hide the FMA
-   latency while the weights stream from memory (decode at batch 1). The sums are carried in
-   sum[4] (a0, a1, b0, b1) so a matrix can be taken a block of inputs at a time. */
-static void row_dot_acc(const float *w, const float *x, int64_t k, __m256 *sum) {
-    __m256 a0 = sum[0], a1 = sum[1], b0 = sum[2], b1 = sum[3];
+   latency while the weights stream from memory (decode at batch 1). */
+static void row_dot(const float *w, const float *x, int64_t k, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
     int64_t p = 0;
     for (; p + 2 <= k; p += 2) {
         const float *wp = w + p * PANEL;
@@ -165,19 +167,8 @@ static void row_dot_acc(const float *w, const float *x, int64_t k, __m256 *sum) 
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + p * PANEL), xa, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + p * PANEL + 8), xa, a1);
     }
-    sum[0] = a0, sum[1] = a1, sum[2] = b0, sum[3] = b1;
-}
-
-static void row_sums_store(const __m256 *sum, float *out) {
-    _mm256_storeu_ps(out, _mm256_add_ps(sum[0], sum[2]));
-    _mm256_storeu_ps(out + 8, _mm256_add_ps(sum[1], sum[3]));
-}
-
-static void row_dot(const float *w, const float *x, int64_t k, float *out) {
-    __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
-    row_dot_acc(w, x, k, sum);
-    row_sums_store(sum, out);
+    _mm256_storeu_ps(out, _mm256_add_ps(a0, b0));
+    _mm256_storeu_ps(out + 8, _mm256_add_ps(a1, b1));
 }
 
 enum { MODE_PLAIN = 0, MODE_ADD = 1, MODE_SWIGLU = 2, MODE_GATED_PLAIN = 3 };
@@ -260,6 +251,15 @@ static void decode_slice(int32_t qtype, const uint8_t *panel, int64_t p0, int64_
     const __m256 w1 =                                                                         \
         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d1);
 
+/* Records are requested this far ahead of the one decoded: at one row the loop outruns what the
+   hardware prefetcher keeps in flight from DRAM (measured, one thread over 135 MB of Q4_1
+   records: 7.7 -> 10.0 G weights/s; two threads 15 -> 17.8) */
+#define BLOCK_PREFETCH_BYTES 3072
+static inline void prefetch_record(const uint8_t *record, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64)
+        _mm_prefetch((const char *)(record + BLOCK_PREFETCH_BYTES + line), _MM_HINT_T0);
+}
+
 /* One row against a quantized panel, whole k, with the sums of row_dot (even and odd inputs
    apart; blocks are 32 inputs, so the split is row_dot's: the same sums in the same order,
    bit for bit), decoded in registers: no trip through memory, as batch-1 decode is bound by
@@ -274,15 +274,6 @@ static void decode_slice(int32_t qtype, const uint8_t *panel, int64_t p0, int64_
         b0 = _mm256_fmadd_ps(wb0, xb, b0);                                                    \
         b1 = _mm256_fmadd_ps(wb1, xb, b1);                                                    \
     }
-/* Records are requested this far ahead of the one decoded: at one row the loop outruns what the
-   hardware prefetcher keeps in flight from DRAM (measured, one thread over 135 MB of Q4_1
-   records: 7.7 -> 10.0 G weights/s; two threads 15 -> 17.8) */
-#define BLOCK_PREFETCH_BYTES 3072
-static inline void prefetch_record(const uint8_t *record, int64_t bytes) {
-    for (int64_t line = 0; line < bytes; line += 64)
-        _mm_prefetch((const char *)(record + BLOCK_PREFETCH_BYTES + line), _MM_HINT_T0);
-}
-
 static void row_dot_blocks(int32_t qtype, const uint8_t *panel, const float *x, int64_t k,
                            float *out) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
