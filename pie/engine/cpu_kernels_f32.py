@@ -184,8 +184,11 @@ def _unpack_blocks(qtype: QType, packed: torch.Tensor, parts: int, k: int) -> to
 def takes_blocks(blocks: BlockWeight, weight: torch.Tensor) -> bool:
     """Whether PackedF32Gemm packs `weight` from `blocks` here (PIE_CPU_BLOCK_WEIGHTS=0: never,
     the float32 weights are packed instead)."""
-    if os.environ.get("PIE_CPU_BLOCK_WEIGHTS", "1") == "0":
-        return False
+    return os.environ.get("PIE_CPU_BLOCK_WEIGHTS", "1") != "0" and _blocks_fit(blocks, weight)
+
+
+def _blocks_fit(blocks: BlockWeight, weight: torch.Tensor) -> bool:
+    """Whether `blocks` hold `weight` in a block type the kernel decodes."""
     return blocks.qtype in _QTYPES and blocks.shape == tuple(weight.shape)
 
 
@@ -224,9 +227,7 @@ class PackedF32Gemm:
     ) -> None:
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError("PackedF32Gemm takes a 2-D float32 CPU weight")
-        if blocks is not None and (
-            blocks.qtype not in _QTYPES or blocks.shape != tuple(weight.shape)
-        ):
+        if blocks is not None and not _blocks_fit(blocks, weight):
             raise ValueError(
                 f"blocks {blocks.qtype.name} {list(blocks.shape)} do not hold this "
                 f"{list(weight.shape)} weight as Q4_1 or Q8_0"
