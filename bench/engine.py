@@ -199,6 +199,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per configuration")
     parser.add_argument("--no-hf-float32", action="store_true", help="skip HF in float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="the engine's dtype (default: the engine's default for this CPU)",
+    )
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     if args.new_tokens < 2 or args.repeats < 1:
@@ -207,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"# bench.engine  {datetime.datetime.now().isoformat(timespec='seconds')}")
     print(f"# machine: {machine()}", flush=True)
     pages = max(batches) * -(-(args.prompt_len + args.new_tokens) // 16)
-    engine = Engine.load(None, num_pages=pages, page_size=16)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine = Engine.load(None, num_pages=pages, page_size=16, dtype=dtype)
     dtype_name = str(engine.dtype).removeprefix("torch.")
     weight_bytes = engine.model.weight_bytes()
     prompts = {b: make_prompts(engine, b, args.prompt_len) for b in batches}
@@ -268,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             + (f"{o.decode_tps / f.decode_tps:8.2f} | " if f else f"{'-':>8} | ")
             + f"{agreement(o.outputs, h.outputs):21.2f} "
             + (f"{agreement(o.outputs, f.outputs):5.2f}" if f else f"{'-':>5}")
+        )
+    if f32:  # how far rounding alone moves greedy tokens: HF against itself in float32
+        agree = [agreement(same[b].outputs, f32[b].outputs) for b in batches]
+        print(
+            f"# greedy agree HF {dtype_name} with HF float32: "
+            + " ".join(f"bs{b}={a:.2f}" for b, a in zip(batches, agree, strict=True))
         )
     f32_peer = theirs.get("float32")  # what HF's users get by default
     if f32_peer:

@@ -158,7 +158,7 @@ def test_cuda_graph_decode_equals_eager_with_one_sync(llama_1b: tuple[LlamaModel
     graphs = cuda_graphs.install(graphed, batch_sizes=(1, 4, 8))
     assert graphs is not None and sorted(graphs.graphs) == [1, 4, 8]
     prompts = [random_tokens(n, 10 + n) for n in (17, 40, 5)]  # 3 sequences: bucket 4, padded
-    pages = [[1, 2], [3, 4, 5], [6]]
+    pages = [[1, 2], [3, 4, 5, 8], [6]]  # room for 12 decodes and the last step: 30, 53, 18
     for engine in (eager, graphed):
         engine.forward_logits(
             ForwardBatch(

@@ -214,7 +214,8 @@ def test_swiglu(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(2)
     # 1100 columns: a full block of 1024 and a ragged one; a strided view as the model passes
     x = (torch.randn(3, 2300, generator=gen) * 1.5).to(DEVICE, dtype)[:, :2200]
-    tol = 1e-6 if dtype == torch.float32 else 2 / 8  # |y| < 32: 2 ulp of bf16 at 16
+    # |y| < 32: 2 ulp at 16 (float32 2^-19 each; the GPU's exp rounds differently from torch's)
+    tol = 2 * 2.0**-19 if dtype == torch.float32 else 2 / 8
     assert swiglu_reference(x).abs().max().item() < 32
     assert_close(swiglu(x).float(), swiglu_reference(x).float(), tol)
 
