@@ -506,6 +506,9 @@ def run_workload(
                        setup_s=theirs.setup_s, output_tok_s=theirs.output_tps(w),
                        total_tok_s=theirs.total_tps(w), pie_vs_hf=ratios[0],
                        greedy_agree=agreement(ours[0].outputs, theirs.outputs))  # fmt: skip
+        elif not theirs.outputs:  # nothing at all: HF's loop failed, no rate to bound
+            report.add(f"tput_{role}", side="hf", workload=w.label, seconds=theirs.seconds,
+                       error="HF's continuous batching returned no request")  # fmt: skip
         else:  # HF's rate is below what finishing by the deadline would have taken
             bound = w.requests * w.output / theirs.seconds
             report.add(f"tput_{role}", side="hf", workload=w.label, seconds=theirs.seconds,

@@ -181,10 +181,15 @@ def _unpack_blocks(qtype: QType, packed: torch.Tensor, parts: int, k: int) -> to
     return w.permute(1, 0, 4, 2, 3).reshape(parts, -1, k)
 
 
-def takes_blocks(blocks: BlockWeight, weight: torch.Tensor) -> bool:
-    """Whether PackedF32Gemm packs `weight` from `blocks` here (PIE_CPU_BLOCK_WEIGHTS=0: never,
+def streams_blocks() -> bool:
+    """Whether the kernels run here and may read GGUF blocks (PIE_CPU_BLOCK_WEIGHTS=0: never,
     the float32 weights are packed instead)."""
-    return os.environ.get("PIE_CPU_BLOCK_WEIGHTS", "1") != "0" and _blocks_fit(blocks, weight)
+    return os.environ.get("PIE_CPU_BLOCK_WEIGHTS", "1") != "0" and load() is not None
+
+
+def takes_blocks(blocks: BlockWeight, weight: torch.Tensor) -> bool:
+    """Whether PackedF32Gemm packs `weight` from `blocks` here."""
+    return streams_blocks() and _blocks_fit(blocks, weight)
 
 
 def _blocks_fit(blocks: BlockWeight, weight: torch.Tensor) -> bool:

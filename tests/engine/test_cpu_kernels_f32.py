@@ -179,6 +179,24 @@ def test_loader_keeps_the_gguf_blocks_of_the_embedded_model() -> None:
     assert loaded.blocks["embed"].qtype == QType.Q8_0
 
 
+def test_default_cpu_dtype_is_float32_where_the_kernels_stream_gguf_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks outrank native bf16 (fewer bytes, exact results); without them bf16 CPUs get bf16."""
+    from pie.engine import engine
+
+    cpu = torch.device("cpu")
+    blocks = {"layers.0.wq": random_blocks(QType.Q4_1, 64, 64, 5)}
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: True)
+    assert engine.default_dtype(cpu, blocks) == torch.float32
+    assert engine.default_dtype(cpu, {}) == torch.bfloat16
+    assert engine.default_dtype(torch.device("cuda"), blocks) == torch.bfloat16
+    monkeypatch.setenv("PIE_CPU_BLOCK_WEIGHTS", "0")
+    assert engine.default_dtype(cpu, blocks) == torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_supports_bf16", lambda: False)
+    assert engine.default_dtype(cpu, blocks) == torch.float32
+
+
 def test_linear_uses_the_kernel_for_every_row_count() -> None:
     gen = torch.Generator().manual_seed(7)
     w = torch.randn(192, 128, generator=gen) * 0.1
