@@ -21,6 +21,14 @@
 #      kernels and bench.engine on that machine's CPU):
 #        run(command="bash bench/gpu_check.sh smollm2", carry=[".gpu-smollm2"], timeout_s=330)
 #      If call 2 finds a fresh machine it says so and stops: part a came with call 1.
+#   4. optional, on a warm machine (part a still there): bench.engine alone on the CPU, e.g.
+#      in the engine's bf16 instead of its default dtype:
+#        run(command="SKIP_CPU_TESTS=1 bash bench/gpu_check.sh cpu --dtype bfloat16",
+#            carry=[".gpu-smollm2", ".whl"], timeout_s=200)
+#
+# Seen on 2026-11-29 (H200): call 1 ran 306 s, and its 230 s bench budget covered only the 1B
+# model (qwen3 and 8b were skipped); call 2 ran 138 s; a later call of `python3 -m bench.gpu
+# --only qwen3,8b --no-hf --budget-s 170` ran 100 s, starting the machine ~35 s.
 #
 # Record with the numbers: env.txt (device, driver, torch, triton, transformers, date).
 set -uo pipefail
