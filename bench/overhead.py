@@ -26,12 +26,18 @@ Outputs are compared token for token. `--quick`: 32 new tokens.
 Then the costs of the parts: a trivial host call from the guest, one element of a list crossing
 the boundary each way, launching an instance (cold: compile; cached: already compiled), and the
 resident memory of an idle instance.
+
+Last, the inferlet path's own ceiling: the same guests against an engine that answers every
+forward at once (`InstantEngine`: the real engine's shapes and checks, a fixed token), N = 1,
+32 and 128 instances: ms of runtime per token and tokens/s, what no engine speed can raise. On
+a GPU this, not the engine, can set the pace (measured: bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -42,9 +48,10 @@ from typing import NamedTuple
 
 from bench.engine import machine, make_prompts
 from pie.control import ForwardRequest
+from pie.control.scheduler import BatchScheduler
 from pie.engine.engine import Engine
 from pie.engine.generate import generate
-from pie.engine.request import Greedy, TokenResult
+from pie.engine.request import ForwardBatch, ForwardResult, Greedy, SequenceForward, TokenResult
 from pie.runtime.build import build_inferlet, cache_dir
 from pie.runtime.component_cache import ComponentCache
 from pie.runtime.runtime import Runtime
@@ -150,6 +157,44 @@ def run_inferlets(rt: Runtime, prompts: list[list[int]], new: int) -> Run:
     instances = [rt.launch("bench", ["generate", json.dumps(p), str(new)]) for p in prompts]
     outputs = [json.loads(x.wait()) for x in instances]
     return Run(time.perf_counter() - start, outputs)
+
+
+class InstantEngine:
+    """The engine's contract at no cost: `engine`'s shapes, tokenizer and checks, and a fixed
+    token for every requested output, returned at once."""
+
+    def __init__(self, engine: Engine, token: int) -> None:
+        self.engine = engine
+        self.token = token
+        for name in ("model_name", "num_pages", "page_size", "vocab_size", "max_position"):
+            setattr(self, name, getattr(engine, name))
+        self.tokenizer = engine.tokenizer
+
+    def validate(self, seq: SequenceForward) -> None:
+        self.engine.validate(seq)
+
+    def execute(self, batch: ForwardBatch) -> ForwardResult:
+        return ForwardResult([[TokenResult(self.token)] * len(s.outputs) for s in batch.sequences])
+
+    def copy_pages(self, pairs: list[tuple[int, int, int]]) -> None:
+        pass
+
+
+def ceiling(engine: Engine, wasm: bytes, new: int) -> list[str]:
+    """Seconds per token of the inferlet path with an engine that costs nothing, per N."""
+    prompt = make_prompts(engine, 1, 16)[0]
+    rows = []
+    for n in (1, 32, 128):
+        instant = InstantEngine(engine, prompt[0])
+        scheduler = BatchScheduler(instant, max_batch_tokens=4096, max_batch_sequences=n)
+        with Runtime(instant, scheduler=scheduler, max_instances=n) as rt:
+            rt.add_component(wasm, name="bench")
+            run_inferlets(rt, [prompt], 4)  # instantiated once, untimed
+            run = run_inferlets(rt, [prompt] * n, new)
+            assert all(len(o) == new for o in run.outputs)
+        per_token = run.seconds / (n * new)
+        rows.append(f"n={n} {per_token * 1e3:.3f} ms/token ({1 / per_token:.0f} tok/s)")
+    return rows
 
 
 # ---- the parts ------------------------------------------------------------------------------------
@@ -315,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"launch cached, median: {running * 1e3:.2f} ms to the guest's first host call, "
               f"{finished * 1e3:.2f} ms to the result of a no-op inferlet")  # fmt: skip
         print(f"resident memory per idle running inferlet: {rss / 2**20:.2f} MiB")
+    rows = ceiling(engine, wasm, 32 if args.quick else 64)
+    print(f"runtime ceiling (engine answers at once, {os.cpu_count()} CPUs): " + "; ".join(rows))
     print("inferlet_overhead " + " ".join(overheads))
 
 
