@@ -255,7 +255,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     same = theirs[dtype_name]
     # HF in float32 is its own column only when the engine runs another dtype.
     f32 = theirs.get("float32") if dtype_name != "float32" else None
-    # the HF float32 columns only where the engine runs another dtype (else they repeat)
     header = (
         f"{'batch':>5} | {'engine prefill s':>16} {'decode tok/s':>12} {'ms/step':>8} | "
         f"{'HF ' + dtype_name + ' prefill s':>19} {'decode tok/s':>12} | "
