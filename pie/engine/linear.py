@@ -4,11 +4,11 @@ CPU, bfloat16: up to GEMV_MAX_ROWS rows (decode of up to 64 sequences) run the k
 pie.engine.cpu_kernels, which also folds in the RMSNorm before and the residual add or SwiGLU
 after; more rows (prefill) run oneDNN's prepacked weights, ~1.4x faster than `F.linear` there.
 CPU, float32 (x86-64 with AVX2): every row count runs pie.engine.cpu_kernels_f32's packed GEMM
-with the same fusions; the packed copy is the only float32 copy of the weight, and a GGUF's
-Q4_1/Q8_0 matrices are also packed from their blocks, which a few rows stream instead (the
-same weights in 3.6-5.3x fewer bytes; PIE_CPU_BLOCK_WEIGHTS=0 turns that off). Elsewhere, and
-wherever the kernels are missing, torch ops with the same meaning: the fused entry points (`norm=`,
-`residual=`, `swiglu`) give the same results on every path.
+with the same fusions; the packed copy is the only copy of the weight, and a GGUF's Q4_1/Q8_0
+matrices are packed from their blocks, which the kernel decodes to the very same float32
+weights as it reads them (3.6-5.3x fewer bytes; PIE_CPU_BLOCK_WEIGHTS=0 packs float32 instead).
+Elsewhere, and wherever the kernels are missing, torch ops with the same meaning: the fused
+entry points (`norm=`, `residual=`, `swiglu`) give the same results on every path.
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ import torch.nn.functional as F
 
 from pie.engine import cpu_kernels, cpu_kernels_f32
 from pie.engine.gguf_tensors import BlockWeight
-
-# Rows up to which the float32 kernel reads a matrix's GGUF blocks, where it has them, rather than
-# its float32 packing: one tile of rows, where the stream is what counts (measured on a 2-core AVX2
-# EPYC, SmolLM2's Q4_1 matmuls of a decode step: 1 row 31-41 -> 10.6 ms, 6 rows 38 -> 21 ms);
-# from 8 rows on, several tiles decode each slice anew and float32 is ~10% faster (8 rows 38 vs
-# 42 ms, 32 rows 83 vs 89 ms).
-BLOCK_MAX_ROWS = 6
 
 # Rows up to which the fused kernel beats oneDNN (measured on 2-core AVX512-BF16 machines,
 # plain matmuls over SmolLM2's weights: 1.25x at 1 row, 1.15x at 32, 1.1x at 64; the fusions
@@ -56,9 +49,13 @@ class Linear:
     `gated` marks a fused [gate; up] matrix that is used through `swiglu`. `rope_heads` heads of
     `head_dim` outputs first (q and k of a qkv matrix) ask for RoPE folded into the matmul where
     the float32 kernel takes them; `folds_rope` says whether it does, then `rotated` runs it.
-    `blocks` (the same matrix as GGUF Q4_1/Q8_0 blocks) is packed too where the float32 kernel
-    runs: up to BLOCK_MAX_ROWS rows it streams those, 3.6-5.3x fewer bytes, with the very same
-    results (the blocks decode to the float32 weights bit for bit).
+    `blocks` (the same matrix as GGUF Q4_1/Q8_0 blocks) is what the float32 kernel packs, where
+    it runs and takes them: 3.6-5.3x fewer bytes than float32, with the very same results (the
+    blocks decode to the float32 weights bit for bit). For every row count: once each slice of
+    blocks is fetched ahead and decoded once for all the rows, they beat the float32 packing at
+    1 to 512 rows (measured on a 2-core AVX2 EPYC, SmolLM2's 30 layers of Q4_1 matmuls: 8 rows
+    32 -> 22 ms, 32 rows 69 -> 65 ms, 512 rows 947 -> 921 ms), and one packing instead of two
+    halves the memory.
     """
 
     def __init__(
@@ -81,21 +78,17 @@ class Linear:
         self.gemv: cpu_kernels.PackedGemv | None = None  # packed for `swiglu` when gated
         self.weight_t: torch.Tensor | None = None  # [in, out] contiguous, CPU float32
         self.f32: cpu_kernels_f32.PackedF32Gemm | None = None  # CPU float32 with AVX2
-        self.f32_blocks: cpu_kernels_f32.PackedF32Gemm | None = None  # the same from `blocks`
         cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
         f32_lib = cpu_kernels_f32.load() if cpu_f32 else None
         if f32_lib is not None and not (gated and (bias is not None or self.out_features % 2)):
             if gated or head_dim % 16:
                 rope_heads = 0  # the kernel's RoPE layout needs whole panels of pairs
+            if blocks is not None and not cpu_kernels_f32.takes_blocks(blocks, weight):
+                blocks = None
             self.f32 = cpu_kernels_f32.PackedF32Gemm(
-                f32_lib, weight, bias, gated, arena, rope_heads, head_dim
+                f32_lib, weight, bias, gated, arena, rope_heads, head_dim, blocks
             )
-            if blocks is not None and cpu_kernels_f32.takes_blocks(blocks, weight):
-                self.f32_blocks = cpu_kernels_f32.PackedF32Gemm(
-                    f32_lib, weight, bias, gated, arena, rope_heads, head_dim, blocks
-                )
-                # what a decode step at batch 1 reads
-                self.nbytes = self.f32_blocks.packed.numel()
+            self.nbytes = self.f32.packed.numel() * self.f32.packed.element_size()
             self.weight = None  # the packed copy replaces it (`unpacked` rebuilds it)
             self.bias = self.f32.bias
         elif cpu_f32:
@@ -129,16 +122,9 @@ class Linear:
         norm: torch.Tensor | None = None,
         eps: float = 0.0,
     ) -> torch.Tensor:  # [T, out]: x @ W.T + b, its first rope_heads heads rotated by RoPE
-        f32 = self.f32_for(x.shape[0])
-        if f32 is None or not self.folds_rope:
+        if self.f32 is None or not self.folds_rope:
             raise ValueError("this matrix does not fold RoPE in (check folds_rope)")
-        return f32.rotated(x, positions, cos, sin, norm, eps)
-
-    def f32_for(self, rows: int) -> cpu_kernels_f32.PackedF32Gemm | None:
-        """The float32 kernel's packing for `rows` rows: its blocks for a few, else float32."""
-        if self.f32_blocks is not None and rows <= BLOCK_MAX_ROWS:
-            return self.f32_blocks
-        return self.f32
+        return self.f32.rotated(x, positions, cos, sin, norm, eps)
 
     def unpacked(self) -> torch.Tensor | None:
         """The weight [out, in] as given, or None where only a bf16 kernel's packing holds it."""
@@ -166,7 +152,7 @@ class Linear:
         eps: float = 0.0,
         residual: torch.Tensor | None = None,  # [T, out]: return residual + x @ W.T
     ) -> torch.Tensor:  # [T, out]
-        f32 = self.f32_for(x.shape[0])
+        f32 = self.f32
         if f32 is not None and not self.gated and x.dtype == torch.float32:
             mode = cpu_kernels_f32.MODE_PLAIN if residual is None else cpu_kernels_f32.MODE_ADD
             return f32(x, mode, norm, eps, residual)
@@ -185,7 +171,7 @@ class Linear:
     def swiglu(
         self, x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0
     ) -> torch.Tensor:  # [T, out / 2]: silu(gate) * up of this [gate; up] matrix
-        f32 = self.f32_for(x.shape[0])
+        f32 = self.f32
         if f32 is not None and self.gated and x.dtype == torch.float32:
             return f32(x, cpu_kernels_f32.MODE_SWIGLU, norm, eps)
         gemv = self.gemv

@@ -220,8 +220,8 @@ class LlamaModel:
         cos, sin = freqs.cos(), freqs.sin()  # [max_position, D / 2]
         self.rope_cos = torch.cat([cos, cos], dim=-1).to(device, dtype)  # [max_position, D]
         self.rope_sin = torch.cat([-sin, sin], dim=-1).to(device, dtype)  # sign of rotate_half
-        # one C call for every layer of a decode step, per (packing, KV cache): see _decode_layers
-        self._decode_layer_calls: dict[tuple[bool, int], cpu_kernels_f32.DecodeLayers] = {}
+        # one C call for every layer of a decode step, per KV cache: see _decode_layers
+        self._decode_layer_calls: dict[int, cpu_kernels_f32.DecodeLayers] = {}
 
     def weight_bytes(self) -> int:
         """Bytes of weights a batch-1 decode step reads (embedding rows aside, lm_head in full;
@@ -285,9 +285,7 @@ class LlamaModel:
         qk = self._rotate(qk_in, positions, rope_rows)
         return qk[:, :heads], qk[:, heads:], v
 
-    def _decode_layers(
-        self, rows: int, kv_cache: torch.Tensor
-    ) -> cpu_kernels_f32.DecodeLayers | None:
+    def _decode_layers(self, kv_cache: torch.Tensor) -> cpu_kernels_f32.DecodeLayers | None:
         """Every layer as one float32 C call, where the kernels run every part of them (CPU
         float32, RoPE folded into qkv, no q/k norm): ~5 ms of a 20 ms batch-1 step was
         Python and ctypes around ~150 kernel calls."""
@@ -302,14 +300,13 @@ class LlamaModel:
             )
         ):
             return None
-        first = self.layers[0].qkv
-        key = (first.f32_for(rows) is first.f32_blocks, kv_cache.data_ptr())
+        key = kv_cache.data_ptr()
         if key in self._decode_layer_calls:
             return self._decode_layer_calls[key]
         if not all(layer.qkv.folds_rope and layer.q_norm is None for layer in self.layers):
             return None
         packings = [
-            [m.f32_for(rows) for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+            [m.f32 for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
             for layer in self.layers
         ]
         layers = []
@@ -347,7 +344,7 @@ class LlamaModel:
         x = F.embedding(tokens, self.embed)  # [T, hidden]
         rope_rows = None if _rope_kernel_takes(x, dim) else self._rope_rows(positions)
         decode = getattr(attention, "decode_rows", lambda _meta: None)(meta)
-        layers = None if decode is None else self._decode_layers(n_tokens, kv_cache)
+        layers = None if decode is None else self._decode_layers(kv_cache)
         if layers is not None and decode is not None:  # every layer in one C call
             kv_rows, kv_lens, mask, slot_rows = decode
             layers(

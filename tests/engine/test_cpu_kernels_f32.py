@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QType
 from pie.engine import cpu_kernels, cpu_kernels_f32, random_model
 from pie.engine.attention import TorchAttention
 from pie.engine.gguf_tensors import BlockWeight
-from pie.engine.linear import BLOCK_MAX_ROWS, Linear, rms_norm
+from pie.engine.linear import Linear, rms_norm
 from pie.engine.loader import load_model
 from pie.engine.model import LlamaModel, apply_rope
 from pie.engine.request import ForwardBatch, SequenceForward
@@ -154,21 +154,19 @@ def test_gemm_from_gguf_blocks_is_the_float32_gemm_bit_for_bit(rows: int, qtype:
     close(plain(x, cpu_kernels_f32.MODE_PLAIN), F.linear(x, w, bias))  # and both are the matmul
 
 
-def test_linear_streams_the_blocks_for_few_rows_only() -> None:
+def test_linear_packs_only_the_blocks_and_runs_them_for_every_row_count() -> None:
     blocks = random_blocks(QType.Q4_1, 64, 64, 5)
     w = blocks.dequantize()
     linear = Linear(w, blocks=blocks)
-    assert linear.f32 is not None and linear.f32_blocks is not None
-    assert linear.nbytes == 4 * 2 * 384  # 4 panels of 2 records: what batch 1 reads
-    calls: list[str] = []
-    for name, packing in (("f32", linear.f32), ("blocks", linear.f32_blocks)):
-        kernel = packing._fn
-        packing._fn = lambda *a, _k=kernel, _n=name: calls.append(_n) or _k(*a)
-    for rows in (1, BLOCK_MAX_ROWS, BLOCK_MAX_ROWS + 1):
+    assert linear.f32 is not None and linear.f32.qtype == QType.Q4_1 and linear.weight is None
+    assert linear.nbytes == 4 * 2 * 384  # 4 panels of 2 records: the whole packing
+    for rows in (1, 6, 7, 32, 200):  # one tile, several, and more than a chunk of rows
         x = torch.randn(rows, 64)
         close(linear(x), F.linear(x, w))
-    assert calls == ["blocks", "blocks", "f32"]
-    assert Linear(w, blocks=random_blocks(QType.Q4_1, 64, 32, 6)).f32_blocks is None  # not w's
+    assert torch.equal(linear.unpacked(), w)
+    other = Linear(w, blocks=random_blocks(QType.Q4_1, 64, 32, 6))  # not w's blocks: float32
+    assert other.f32 is not None and other.f32.qtype is None
+    assert other.nbytes == 64 * 64 * 4
 
 
 def test_loader_keeps_the_gguf_blocks_of_the_embedded_model() -> None:
@@ -372,11 +370,14 @@ def test_float32_model_with_kernels_matches_torch_ops(
         close(with_kernels, without, 1e-4)
 
 
-@pytest.mark.parametrize("batch", [2, 8])  # 2: the layers stream GGUF blocks; 8: float32
+@pytest.mark.parametrize(("batch", "blocks_on"), [(2, True), (8, True), (8, False)])
 def test_decode_step_in_one_call_is_the_per_layer_forward_bit_for_bit(
-    batch: int, monkeypatch: pytest.MonkeyPatch
+    batch: int, blocks_on: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """pie_f32_decode_layers runs the kernels the per-layer forward calls, on the same data."""
+    """pie_f32_decode_layers runs the kernels the per-layer forward calls, on the same data,
+    from the GGUF blocks or (PIE_CPU_BLOCK_WEIGHTS=0) from the float32 packing."""
+    if not blocks_on:
+        monkeypatch.setenv("PIE_CPU_BLOCK_WEIGHTS", "0")
     built = random_model.build("tiny")
     cfg = built.config
     weights, blocks = dict(built.weights), {}
@@ -386,7 +387,8 @@ def test_decode_step_in_one_call_is_the_per_layer_forward_bit_for_bit(
             blocks[key] = random_blocks(QType.Q4_1, *weights[key].shape, seed=10 * i + j)
             weights[key] = blocks[key].dequantize()
     model = LlamaModel(cfg, weights, CPU, torch.float32, blocks=blocks)
-    assert model.layers[0].qkv.f32_blocks is not None
+    assert model.layers[0].qkv.f32 is not None
+    assert model.layers[0].qkv.f32.qtype == (QType.Q4_1 if blocks_on else None)
     attention = TorchAttention()
     per_layer = LlamaModel._decode_layers
 
@@ -420,7 +422,7 @@ def test_decode_step_in_one_call_is_the_per_layer_forward_bit_for_bit(
 
     (fused, fused_cache), (layered, layered_cache) = decode_steps(True), decode_steps(False)
     calls = model._decode_layer_calls
-    assert len(calls) == 1 and next(iter(calls))[0] == (batch <= BLOCK_MAX_ROWS)
+    assert len(calls) == 1
     for got, want in zip([*fused, fused_cache], [*layered, layered_cache], strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
     assert fused[-1].isfinite().all()
