@@ -18,7 +18,7 @@ from pie.engine.attention import ATTENTION_BACKENDS, sequence_cache_rows
 from pie.engine.errors import InvalidBatchError
 from pie.engine.gguf_tensors import BlockWeight
 from pie.engine.loader import load_model
-from pie.engine.model import AttentionBackend, LlamaModel
+from pie.engine.model import AttentionBackend, LlamaModel, release_free_heap
 from pie.engine.request import ForwardBatch, ForwardResult, SampleResult, SequenceForward
 from pie.engine.tokenizer import Tokenizer
 
@@ -116,6 +116,8 @@ class Engine:
             dtype or default_dtype(dev, loaded.blocks),
             blocks=loaded.blocks,
         )
+        del loaded  # the host's float32 copies of the weights are garbage now: hand them back
+        release_free_heap()
         engine = cls(net, tokenizer, num_pages=num_pages, page_size=page_size, attention=backend)
         if backend_name == "triton" and dev.type == "cuda":  # decode steps replay CUDA graphs
             from pie.engine.cuda import cuda_graphs

@@ -63,6 +63,9 @@ class GGUFFile:
     tensors: dict[str, GGUFTensor]
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Sequential little-endian reads from the file's bytes; errors name the byte offset."""
 
@@ -86,13 +89,30 @@ class _Cursor:
         self.at += size
         return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row, as `string` reads them, in one tight loop: a vocabulary
+        holds ~50k-150k of them, and the general path took ~4 us each."""
+        buffer, at, end_of_file = self.buffer, self.at, len(self.buffer)
+        length = _U64.unpack_from
+        out = []
+        for _ in range(count):
+            if at + 8 > end_of_file:
+                raise ModelLoadError(f"GGUF header ends early (byte {at})")
+            end = at + 8 + length(buffer, at)[0]
+            if end > end_of_file:
+                raise ModelLoadError(f"GGUF string runs past the file (byte {at + 8})")
+            out.append(str(buffer[at + 8 : end], "utf-8", "replace"))
+            at = end
+        self.at = at
+        return out
+
     def value(self, kind: int) -> Any:
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
             item, count = self.take("<I"), self.take("<Q")
             if item == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if item not in _NUMERIC:
                 raise ModelLoadError(f"GGUF array of unknown type {item} (byte {self.at})")
             dtype = _NUMERIC[item]

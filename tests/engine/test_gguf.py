@@ -127,7 +127,15 @@ def test_the_embedded_model_reads_as_gguf_py_reads_it() -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    ["empty", "magic", "version", "truncated header", "truncated data"],
+    [
+        "empty",
+        "magic",
+        "version",
+        "truncated header",
+        "cut in a string array's string",
+        "cut in a string array's length",
+        "truncated data",
+    ],
 )
 def test_damaged_files_raise_model_load_error(tmp_path: Path, damage: str) -> None:
     good = tmp_path / "good.gguf"
@@ -141,6 +149,9 @@ def test_damaged_files_raise_model_load_error(tmp_path: Path, damage: str) -> No
         raw[4:8] = (1).to_bytes(4, "little")
     elif damage == "truncated header":
         raw = raw[:40]
+    elif damage.startswith("cut in a string array"):  # t.strs's last string, "ü b"
+        at = raw.index("ü b".encode())
+        raw = raw[: at + 1] if damage.endswith("string") else raw[: at - 4]
     else:
         raw = raw[:-64]
     bad = tmp_path / "bad.gguf"
