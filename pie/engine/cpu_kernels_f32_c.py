@@ -429,34 +429,59 @@ static int64_t tile_start(int64_t n, int64_t t) {
     return t * base + (t < extra ? t : extra);
 }
 
-/* Rows [0, rows) of x, RMS-normalized, into a (rows k floats apart), as HF's float32 RMSNorm
-   rounds: w * (x * r). */
+/* Row m of x, RMS-normalized, into a (rows k floats apart), as HF's float32 RMSNorm rounds:
+   w * (x * r). */
+static void normalize_row(const float *x, int64_t x_stride, int64_t m, int64_t k,
+                          const float *norm_w, float eps, float *a) {
+    const float *xm = x + m * x_stride;
+    float *am = a + m * k;
+    const float r = norm_scale(xm, k, eps);
+    const __m256 rv = _mm256_set1_ps(r);
+    int64_t p = 0;
+    for (; p + 8 <= k; p += 8)
+        _mm256_storeu_ps(am + p, _mm256_mul_ps(_mm256_loadu_ps(norm_w + p),
+                                               _mm256_mul_ps(_mm256_loadu_ps(xm + p), rv)));
+    for (; p < k; ++p) am[p] = norm_w[p] * (xm[p] * r);
+}
+
+/* Rows [0, rows) of x normalized into a, by the team that runs it (see gemm_team); a few rows
+   by one thread, as splitting them cost more than it saved (measured, 2-core EPYC: decode
+   steps at 4-6 sequences 3-4% slower with the rows split) */
 static void normalize_rows(const float *x, int64_t x_stride, int64_t rows, int64_t k,
-                           const float *norm_w, float eps, float *a, int32_t threads) {
-#pragma omp parallel for num_threads(rows >= 64 ? threads : 1) schedule(static)
-    for (int64_t m = 0; m < rows; ++m) {
-        const float *xm = x + m * x_stride;
-        float *am = a + m * k;
-        const float r = norm_scale(xm, k, eps);
-        const __m256 rv = _mm256_set1_ps(r);
-        int64_t p = 0;
-        for (; p + 8 <= k; p += 8)
-            _mm256_storeu_ps(am + p, _mm256_mul_ps(_mm256_loadu_ps(norm_w + p),
-                                                   _mm256_mul_ps(_mm256_loadu_ps(xm + p), rv)));
-        for (; p < k; ++p) am[p] = norm_w[p] * (xm[p] * r);
+                           const float *norm_w, float eps, float *a) {
+    if (rows < 64) {
+#pragma omp single
+        for (int64_t m = 0; m < rows; ++m) normalize_row(x, x_stride, m, k, norm_w, eps, a);
+        return;
     }
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < rows; ++m) normalize_row(x, x_stride, m, k, norm_w, eps, a);
+}
+
+/* What gemm_team would refuse: 0, or the error code pie_f32_gemm returns. */
+static int gemm_check(const PackedF32 *pw, int64_t rows) {
+    if (rows < 1) return -1;
+    if (pw->qtype != QTYPE_F32 && pw->k % QBLOCK) return -4;
+    return 0;
+}
+
+/* Floats of the normalized copy of `rows` inputs gemm_team needs (0: none). */
+static int64_t gemm_scratch(const PackedF32 *pw, int64_t rows, const float *norm_w) {
+    return norm_w == NULL ? 0 : rows * pw->k;
 }
 
 /* y[m, :] for m < rows: (rms_norm(x[m]) if norm_w) @ W^T, then + bias, + residual (MODE_ADD)
-   or silu(gate) * up (MODE_SWIGLU), RoPE where out->positions. Threads split the panels. */
-static int gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
-                const float *norm_w, float eps, const Output *out, int32_t threads) {
-    if (rows < 1) return -1;
+   or silu(gate) * up (MODE_SWIGLU), RoPE where out->positions. Run by every thread of a team:
+   its loops are OpenMP worksharing loops (each ends in a barrier), so a whole decode step can
+   run in one parallel region (see pie_f32_decode_layers) rather than one per matmul. The
+   threads split the panels; `normed` (gemm_scratch floats) is shared by the team. Arguments
+   must have passed gemm_check. */
+static void gemm_team(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
+                      const float *norm_w, float eps, const Output *out, float *normed) {
     const int64_t k = pw->k;
     const int swiglu = pw->mode == MODE_SWIGLU || pw->mode == MODE_GATED_PLAIN; /* two halves */
     const int64_t units = swiglu ? pw->panels / 2 : pw->panels;
     const int32_t qtype = pw->qtype;
-    if (qtype != QTYPE_F32 && k % QBLOCK) return -4;
     /* bytes of one panel, and of a unit (a panel, or a gate panel and its up panel) */
     const int64_t rbytes = qtype == QTYPE_F32 ? 0 : record_bytes(qtype);
     const int64_t panel_bytes = qtype == QTYPE_F32 ? k * PANEL * 4 : k / QBLOCK * rbytes;
@@ -469,16 +494,13 @@ static int gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t r
     const int64_t slices = (k + KC - 1) / KC, slice = (steps + slices - 1) / slices * step;
     const float *a = x; /* the inputs the kernel reads: x, or its normalized copy */
     int64_t lda = x_stride;
-    float *normed = NULL;
     if (norm_w != NULL) {
-        normed = (float *)aligned_alloc(64, (size_t)((rows * k * 4 + 63) / 64 * 64));
-        if (normed == NULL) return -2;
-        normalize_rows(x, x_stride, rows, k, norm_w, eps, normed, threads);
+        normalize_rows(x, x_stride, rows, k, norm_w, eps, normed);
         a = normed;
         lda = k;
     }
     if (rows == 1) { /* streaming: one row against whole panels */
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             float acc[PANEL], up[PANEL];
             const uint8_t *wu = weights + u * unit_bytes;
@@ -492,13 +514,12 @@ static int gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t r
             }
             finish(pw, acc, up, 0, 1, u * PANEL, out);
         }
-        free(normed);
-        return 0;
+        return;
     }
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
         const int64_t n = min64(chunk, rows - r0), tiles = tile_count(n);
         const float *ac = a + r0 * lda;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp for schedule(static)
         for (int64_t u = 0; u < units; ++u) {
             float acc[MAX_CHUNK * PANEL], up[MAX_CHUNK * PANEL];
             float decoded[KC * PANEL]; /* a quantized slice as float32, shared by the tiles */
@@ -533,6 +554,22 @@ static int gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t r
             finish(pw, acc, up, r0, n, u * PANEL, out);
         }
     }
+}
+
+static float *alloc_floats(int64_t n) { /* 64-byte aligned, NULL for n == 0 or no memory */
+    return n == 0 ? NULL : (float *)aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+}
+
+/* gemm_team in a parallel region of its own: one matmul called from Python. */
+static int gemm(const PackedF32 *pw, const float *x, int64_t x_stride, int64_t rows,
+                const float *norm_w, float eps, const Output *out, int32_t threads) {
+    const int rc = gemm_check(pw, rows);
+    if (rc != 0) return rc;
+    const int64_t scratch = gemm_scratch(pw, rows, norm_w);
+    float *normed = alloc_floats(scratch);
+    if (scratch > 0 && normed == NULL) return -2;
+#pragma omp parallel num_threads(threads)
+    gemm_team(pw, x, x_stride, rows, norm_w, eps, out, normed);
     free(normed);
     return 0;
 }
@@ -758,17 +795,15 @@ static void attend_rows(const float *q, int64_t q_stride_h, const float *k_cache
    slots, batch 1: 4.4-5.8 -> 2.8-3.8 ms; at 256 slots no difference, and below that runs
    of fewer than SPLIT_MIN_SLOTS slots cost more than they save, so short sequences stay
    on `attend`. */
-static int attend_split(const float *q, int64_t q_stride_b, int64_t q_stride_h,
-                        const float *k_cache, const float *v_cache, int64_t row_stride,
-                        const int64_t *kv_rows, const int64_t *kv_lens, const uint8_t *mask,
-                        int64_t batch, int64_t heads, int64_t group, int64_t dim, int64_t l_max,
-                        float scale, float *out, int64_t parts, int64_t team, float *scratch,
-                        int64_t per_thread) {
+static void attend_split(const float *q, int64_t q_stride_b, int64_t q_stride_h,
+                         const float *k_cache, const float *v_cache, int64_t row_stride,
+                         const int64_t *kv_rows, const int64_t *kv_lens, const uint8_t *mask,
+                         int64_t batch, int64_t heads, int64_t group, int64_t dim, int64_t l_max,
+                         float scale, float *out, int64_t parts, float *scratch,
+                         int64_t per_thread, float *partial) {
     const int64_t tasks = batch * parts;
-    float *partial = (float *)malloc((size_t)(tasks * heads * (dim + 2)) * sizeof(float));
-    if (partial == NULL) return -2;
     float *stats = partial + tasks * heads * dim; /* [tasks][heads][max, sum] */
-#pragma omp parallel for num_threads(team) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
         const int64_t b = t / parts, part = t % parts, len = kv_lens[b];
         const int64_t lo = len * part / parts, hi = len * (part + 1) / parts;
@@ -782,31 +817,113 @@ static int attend_split(const float *q, int64_t q_stride_b, int64_t q_stride_h,
                     kv_rows + b * l_max + lo, mask == NULL ? NULL : mask + b * l_max + lo,
                     hi - lo, heads, group, dim, scale, scores, partial + t * heads * dim, st);
     }
-    for (int64_t b = 0; b < batch; ++b)
-        for (int64_t h = 0; h < heads; ++h) {
-            float top = -INFINITY, total = 0.0f;
-            for (int64_t part = 0; part < parts; ++part) {
-                const float *st = stats + ((b * parts + part) * heads + h) * 2;
-                if (st[1] > 0.0f && st[0] > top) top = st[0];
-            }
-            float weight[SPLIT_MAX_PARTS];
-            for (int64_t part = 0; part < parts; ++part) {
-                const float *st = stats + ((b * parts + part) * heads + h) * 2;
-                weight[part] = st[1] > 0.0f ? st[1] * expf(st[0] - top) : 0.0f;
-                total += weight[part];
-            }
-            float *o = out + (b * heads + h) * dim;
-            for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
-            if (total <= 0.0f) continue; /* nothing attended: output 0, as unsplit */
-            for (int64_t part = 0; part < parts; ++part) {
-                if (weight[part] == 0.0f) continue;
-                const float w = weight[part] / total;
-                const float *po = partial + ((b * parts + part) * heads + h) * dim;
-                for (int64_t d = 0; d < dim; ++d) o[d] += w * po[d];
-            }
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < batch * heads; ++bh) {
+        const int64_t b = bh / heads, h = bh % heads;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t part = 0; part < parts; ++part) {
+            const float *st = stats + ((b * parts + part) * heads + h) * 2;
+            if (st[1] > 0.0f && st[0] > top) top = st[0];
         }
-    free(partial);
+        float weight[SPLIT_MAX_PARTS];
+        for (int64_t part = 0; part < parts; ++part) {
+            const float *st = stats + ((b * parts + part) * heads + h) * 2;
+            weight[part] = st[1] > 0.0f ? st[1] * expf(st[0] - top) : 0.0f;
+            total += weight[part];
+        }
+        float *o = out + (b * heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
+        if (total <= 0.0f) continue; /* nothing attended: output 0, as unsplit */
+        for (int64_t part = 0; part < parts; ++part) {
+            if (weight[part] == 0.0f) continue;
+            const float w = weight[part] / total;
+            const float *po = partial + ((b * parts + part) * heads + h) * dim;
+            for (int64_t d = 0; d < dim; ++d) o[d] += w * po[d];
+        }
+    }
+}
+
+typedef struct { /* how a decode attention call shares its work among `team` threads */
+    int64_t team;
+    int by_sequence; /* one task per sequence */
+    int64_t parts;   /* else: > 1, every sequence cut in this many runs (attend_split); */
+                     /* 1, one task per (sequence, KV head) */
+    int64_t per_thread; /* floats of scores per thread */
+    int64_t scratch;    /* floats of scratch in all: scores, then attend_split's partials */
+} AttentionPlan;
+
+static AttentionPlan plan_attention(int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim,
+                                    int64_t l_max, int32_t threads) {
+    AttentionPlan plan;
+    const int64_t padded = (l_max + 7) / 8 * 8, group = heads / kv_heads;
+    const int64_t team = threads < 1 ? 1 : threads;
+    plan.team = team;
+    plan.by_sequence = batch >= 2 * team; /* enough sequences for every thread */
+    /* Fewer sequences: each is cut into `parts` runs of at least SPLIT_MIN_SLOTS slots. */
+    int64_t parts = plan.by_sequence ? 1 : (2 * team + batch - 1) / batch;
+    parts = min64(min64(parts, SPLIT_MAX_PARTS), l_max / SPLIT_MIN_SLOTS);
+    if (parts > 1 && (batch * parts) % team != 0 && batch * parts > team)
+        parts = (batch * parts) / team * team / batch; /* whole rounds of tasks per thread */
+    plan.parts = parts < 1 ? 1 : parts;
+    plan.per_thread = (plan.by_sequence || plan.parts > 1 ? heads : group) * padded;
+    plan.scratch = team * plan.per_thread;
+    if (!plan.by_sequence && plan.parts > 1) plan.scratch += batch * plan.parts * heads * (dim + 2);
+    return plan;
+}
+
+/* What attention_team would refuse: 0, or the error code pie_f32_decode_attention returns. */
+static int attention_check(const int64_t *kv_lens, int64_t batch, int64_t heads,
+                           int64_t kv_heads, int64_t dim, int64_t l_max) {
+    if (dim % 8 != 0 || kv_heads < 1 || heads % kv_heads != 0) return -1;
+    for (int64_t b = 0; b < batch; ++b)
+        if (kv_lens[b] < 1 || kv_lens[b] > l_max) return -3;
     return 0;
+}
+
+/* pie_f32_decode_attention's work, run by every thread of a team of plan->team threads (as
+   gemm_team: worksharing loops, each ending in a barrier); scratch: plan->scratch floats. */
+static void attention_team(const float *q, int64_t q_stride_b, int64_t q_stride_h,
+                           float *k_cache, float *v_cache, const int64_t *kv_rows,
+                           const int64_t *kv_lens, const uint8_t *mask, int64_t batch,
+                           int64_t heads, int64_t kv_heads, int64_t dim, int64_t l_max,
+                           float scale, float *out, const float *k_new, int64_t k_new_stride,
+                           const float *v_new, int64_t v_new_stride, const int64_t *slot_rows,
+                           const AttentionPlan *plan, float *scratch) {
+    const int64_t row_stride = kv_heads * dim, group = heads / kv_heads;
+    const int64_t per_thread = plan->per_thread;
+    if (k_new != NULL) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            memcpy(k_cache + slot_rows[b] * row_stride, k_new + b * k_new_stride, (size_t)row_stride * 4);
+            memcpy(v_cache + slot_rows[b] * row_stride, v_new + b * v_new_stride, (size_t)row_stride * 4);
+        }
+    }
+    if (plan->by_sequence) {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < batch; ++b) {
+            float *scores = scratch + (int64_t)omp_get_thread_num() * per_thread;
+            attend_rows(q + b * q_stride_b, q_stride_h, k_cache, v_cache, row_stride,
+                        kv_rows + b * l_max, mask == NULL ? NULL : mask + b * l_max, kv_lens[b],
+                        heads, group, dim, scale, scores, out + b * heads * dim, NULL);
+        }
+        return;
+    }
+    if (plan->parts > 1) {
+        attend_split(q, q_stride_b, q_stride_h, k_cache, v_cache, row_stride, kv_rows, kv_lens,
+                     mask, batch, heads, group, dim, l_max, scale, out, plan->parts, scratch,
+                     per_thread, scratch + plan->team * per_thread);
+        return;
+    }
+    const int64_t tasks = batch * kv_heads;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t b = t / kv_heads, kh = t % kv_heads;
+        float *scores = scratch + (int64_t)omp_get_thread_num() * per_thread;
+        attend(q + b * q_stride_b + kh * group * q_stride_h, q_stride_h, k_cache + kh * dim,
+               v_cache + kh * dim, row_stride, kv_rows + b * l_max,
+               mask == NULL ? NULL : mask + b * l_max, kv_lens[b], group, dim, scale, scores,
+               out + (b * heads + kh * group) * dim);
+    }
 }
 
 /* out[b, h] = softmax(scale * q[b, h] . K_b^T) V_b for one new token per sequence b, where
@@ -820,56 +937,15 @@ int pie_f32_decode_attention(const float *q, int64_t q_stride_b, int64_t q_strid
                              float scale, float *out, const float *k_new, int64_t k_new_stride,
                              const float *v_new, int64_t v_new_stride, const int64_t *slot_rows,
                              int32_t threads) {
-    if (dim % 8 != 0 || kv_heads < 1 || heads % kv_heads != 0) return -1;
-    const int64_t row_stride = kv_heads * dim, group = heads / kv_heads;
-    for (int64_t b = 0; b < batch; ++b)
-        if (kv_lens[b] < 1 || kv_lens[b] > l_max) return -3;
-    if (k_new != NULL) {
-        for (int64_t b = 0; b < batch; ++b) {
-            memcpy(k_cache + slot_rows[b] * row_stride, k_new + b * k_new_stride, (size_t)row_stride * 4);
-            memcpy(v_cache + slot_rows[b] * row_stride, v_new + b * v_new_stride, (size_t)row_stride * 4);
-        }
-    }
-    const int64_t padded = (l_max + 7) / 8 * 8;
-    const int64_t team = threads < 1 ? 1 : threads;
-    const int by_sequence = batch >= 2 * team; /* enough sequences for every thread */
-    /* Fewer sequences: each is cut into `parts` runs of at least SPLIT_MIN_SLOTS slots. */
-    int64_t parts = by_sequence ? 1 : (2 * team + batch - 1) / batch;
-    parts = min64(min64(parts, SPLIT_MAX_PARTS), l_max / SPLIT_MIN_SLOTS);
-    if (parts > 1 && (batch * parts) % team != 0 && batch * parts > team)
-        parts = (batch * parts) / team * team / batch; /* whole rounds of tasks per thread */
-    if (parts < 1) parts = 1;
-    const int64_t per_thread = (by_sequence || parts > 1 ? heads : group) * padded;
-    float *scratch = (float *)malloc((size_t)(team * per_thread) * sizeof(float));
+    const int rc = attention_check(kv_lens, batch, heads, kv_heads, dim, l_max);
+    if (rc != 0) return rc;
+    const AttentionPlan plan = plan_attention(batch, heads, kv_heads, dim, l_max, threads);
+    float *scratch = alloc_floats(plan.scratch);
     if (scratch == NULL) return -2;
-    if (by_sequence) {
-#pragma omp parallel for num_threads(team) schedule(static)
-        for (int64_t b = 0; b < batch; ++b) {
-            float *scores = scratch + (int64_t)omp_get_thread_num() * per_thread;
-            attend_rows(q + b * q_stride_b, q_stride_h, k_cache, v_cache, row_stride,
-                        kv_rows + b * l_max, mask == NULL ? NULL : mask + b * l_max, kv_lens[b],
-                        heads, group, dim, scale, scores, out + b * heads * dim, NULL);
-        }
-        free(scratch);
-        return 0;
-    }
-    if (parts > 1) {
-        const int rc = attend_split(q, q_stride_b, q_stride_h, k_cache, v_cache, row_stride,
-                                    kv_rows, kv_lens, mask, batch, heads, group, dim, l_max,
-                                    scale, out, parts, team, scratch, per_thread);
-        free(scratch);
-        return rc;
-    }
-    const int64_t tasks = batch * kv_heads;
-#pragma omp parallel for num_threads(team) schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t b = t / kv_heads, kh = t % kv_heads;
-        float *scores = scratch + (int64_t)omp_get_thread_num() * per_thread;
-        attend(q + b * q_stride_b + kh * group * q_stride_h, q_stride_h, k_cache + kh * dim,
-               v_cache + kh * dim, row_stride, kv_rows + b * l_max,
-               mask == NULL ? NULL : mask + b * l_max, kv_lens[b], group, dim, scale, scores,
-               out + (b * heads + kh * group) * dim);
-    }
+#pragma omp parallel num_threads(plan.team)
+    attention_team(q, q_stride_b, q_stride_h, k_cache, v_cache, kv_rows, kv_lens, mask, batch,
+                   heads, kv_heads, dim, l_max, scale, out, k_new, k_new_stride, v_new,
+                   v_new_stride, slot_rows, &plan, scratch);
     free(scratch);
     return 0;
 }
@@ -917,7 +993,10 @@ typedef struct { /* one layer, as pie_f32_decode_layers runs it; filled once fro
    rms_norm -> gate/up + SwiGLU -> down + x, the calls the model makes one by one, with the
    same kernels and so the same results; from Python that was ~5 ms of a 20 ms batch-1 step
    in argument checks and ctypes calls (measured: 150 calls). qkv, attn, h: scratch rows of
-   the qkv, attention and MLP widths. */
+   the qkv, attention and MLP widths. Every argument is checked before anything runs (an error
+   changes nothing), and the whole step is one parallel region: the threads meet at a barrier
+   after each loop instead of being started and joined ~150 times a step (measured on a 2-core
+   EPYC with libgomp: a region costs 1.9-3.1 us, a barrier 0.7). */
 int pie_f32_decode_layers(const DecodeLayerF32 *layers, int64_t n_layers, float *x,
                           int64_t batch, int64_t hidden, int64_t mlp, float eps,
                           const int64_t *positions, const float *cos, const float *sin,
@@ -927,25 +1006,40 @@ int pie_f32_decode_layers(const DecodeLayerF32 *layers, int64_t n_layers, float 
                           float *h, int32_t threads) {
     const int64_t q_size = heads * dim, kv_size = kv_heads * dim;
     const int64_t qkv_width = q_size + 2 * kv_size;
+    int rc = attention_check(kv_lens, batch, heads, kv_heads, dim, l_max);
+    int64_t normed_floats = 0;
+    for (int64_t l = 0; l < n_layers && rc == 0; ++l) {
+        const DecodeLayerF32 *layer = layers + l;
+        const PackedF32 *matrices[4] = {layer->qkv, layer->o, layer->gate_up, layer->down};
+        for (int i = 0; i < 4 && rc == 0; ++i) rc = gemm_check(matrices[i], batch);
+        normed_floats = normed_floats > batch * hidden ? normed_floats : batch * hidden;
+    }
+    if (rc != 0) return rc;
+    const AttentionPlan plan = plan_attention(batch, heads, kv_heads, dim, l_max, threads);
+    float *normed = alloc_floats(normed_floats), *scratch = alloc_floats(plan.scratch);
+    if ((normed_floats > 0 && normed == NULL) || scratch == NULL) {
+        free(normed);
+        free(scratch);
+        return -2;
+    }
+#pragma omp parallel num_threads(plan.team)
     for (int64_t l = 0; l < n_layers; ++l) {
         const DecodeLayerF32 *layer = layers + l;
         const Output to_qkv = {NULL, 0, positions, cos, sin, qkv, qkv_width};
-        int rc = gemm(layer->qkv, x, hidden, batch, layer->attn_norm, eps, &to_qkv, threads);
-        if (rc == 0)
-            rc = pie_f32_decode_attention(qkv, qkv_width, dim, layer->k_cache, layer->v_cache,
-                                          kv_rows, kv_lens, mask, batch, heads, kv_heads, dim,
-                                          l_max, scale, attn, qkv + q_size, qkv_width,
-                                          qkv + q_size + kv_size, qkv_width, slot_rows, threads);
+        gemm_team(layer->qkv, x, hidden, batch, layer->attn_norm, eps, &to_qkv, normed);
+        attention_team(qkv, qkv_width, dim, layer->k_cache, layer->v_cache, kv_rows, kv_lens,
+                       mask, batch, heads, kv_heads, dim, l_max, scale, attn, qkv + q_size,
+                       qkv_width, qkv + q_size + kv_size, qkv_width, slot_rows, &plan, scratch);
         /* x + o(attn) and x + down(h) into x itself: each element is read and then written
            by the one thread that owns its panel, and neither matmul reads x */
         const Output to_x = {x, hidden, NULL, NULL, NULL, x, hidden};
-        if (rc == 0) rc = gemm(layer->o, attn, q_size, batch, NULL, 0.0f, &to_x, threads);
+        gemm_team(layer->o, attn, q_size, batch, NULL, 0.0f, &to_x, normed);
         const Output to_h = {NULL, 0, NULL, NULL, NULL, h, mlp};
-        if (rc == 0)
-            rc = gemm(layer->gate_up, x, hidden, batch, layer->mlp_norm, eps, &to_h, threads);
-        if (rc == 0) rc = gemm(layer->down, h, mlp, batch, NULL, 0.0f, &to_x, threads);
-        if (rc != 0) return rc;
+        gemm_team(layer->gate_up, x, hidden, batch, layer->mlp_norm, eps, &to_h, normed);
+        gemm_team(layer->down, h, mlp, batch, NULL, 0.0f, &to_x, normed);
     }
+    free(normed);
+    free(scratch);
     return 0;
 }
 """

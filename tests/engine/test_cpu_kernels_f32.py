@@ -428,6 +428,25 @@ def test_decode_step_in_one_call_is_the_per_layer_forward_bit_for_bit(
     assert fused[-1].isfinite().all()
 
 
+def test_decode_step_in_one_call_refuses_bad_lengths_before_changing_anything() -> None:
+    built = random_model.build("tiny")
+    cfg = built.config
+    model = LlamaModel(cfg, dict(built.weights), CPU, torch.float32)
+    cache = torch.randn(cfg.num_layers, 2, 8, 16, cfg.num_kv_heads, cfg.head_dim)
+    layers = model._decode_layers(cache)
+    assert layers is not None
+    x = torch.randn(2, cfg.hidden_size)
+    x_before, cache_before = x.clone(), cache.clone()
+    rows = torch.arange(2 * 20).view(2, 20)
+    for lens in ([5, 21], [0, 5]):  # past the rows given; nothing to attend
+        with pytest.raises(RuntimeError, match="code -3"):
+            layers(
+                x, torch.tensor([4, 20]), model.rope_cos, model.rope_sin, rows,
+                torch.tensor(lens), None, torch.tensor([4, 20]), 0.125,
+            )  # fmt: skip
+        assert torch.equal(x, x_before) and torch.equal(cache, cache_before)
+
+
 def test_split_sequences_merge_empty_and_fully_masked_runs() -> None:
     """Runs that hold no slot (a 1-slot sequence cut in 4) or only masked slots add nothing."""
     gen = torch.Generator().manual_seed(7)
