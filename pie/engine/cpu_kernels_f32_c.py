@@ -20,6 +20,7 @@ SOURCE = r"""
 #define PANEL 16 /* outputs per packed weight panel: two ymm of sums per row */
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* lane j of the result = the sum of the 8 lanes of v[j] */
 static inline __m256 transpose_sum8(const __m256 *v) {
@@ -1012,7 +1013,8 @@ int pie_f32_decode_layers(const DecodeLayerF32 *layers, int64_t n_layers, float 
         const DecodeLayerF32 *layer = layers + l;
         const PackedF32 *matrices[4] = {layer->qkv, layer->o, layer->gate_up, layer->down};
         for (int i = 0; i < 4 && rc == 0; ++i) rc = gemm_check(matrices[i], batch);
-        normed_floats = normed_floats > batch * hidden ? normed_floats : batch * hidden;
+        normed_floats = max64(normed_floats, gemm_scratch(layer->qkv, batch, layer->attn_norm));
+        normed_floats = max64(normed_floats, gemm_scratch(layer->gate_up, batch, layer->mlp_norm));
     }
     if (rc != 0) return rc;
     const AttentionPlan plan = plan_attention(batch, heads, kv_heads, dim, l_max, threads);
