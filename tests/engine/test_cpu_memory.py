@@ -42,7 +42,7 @@ def _resident_bytes() -> int:
 def test_release_free_heap_hands_freed_buffers_back() -> None:
     """What a load frees (the float32 copies of packed weights) leaves the process."""
     if not model.tune_cpu_allocator():  # keeps freed heap memory, as a loaded engine does
-        pytest.skip("not glibc")
+        pytest.skip("needs glibc (mallopt and malloc_trim)")
     assert model.release_free_heap()  # other tests' freed memory out of the way first
     before = _resident_bytes()
     buffers = [torch.ones(1 << 19) for _ in range(100)]  # 100 x 2 MiB, under the mmap threshold
