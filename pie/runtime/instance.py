@@ -101,7 +101,7 @@ class GuestLog:
 
     def _log(self, lines: list[str]) -> None:
         for line in lines:
-            self.host.log.info("[%s] %s", self.stream, line)
+            self.host.session.output(self.host.id, self.stream, line)
 
 
 class InferletInstance:

@@ -7,6 +7,7 @@ same way): sends go to callbacks and are recorded; the client side feeds text an
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -56,11 +57,13 @@ class QueueSession:
         on_text: Callable[[int, str], Any] | None = None,
         on_blob: Callable[[int, bytes], Any] | None = None,
         on_first_receive: Callable[[], Any] | None = None,
+        on_output: Callable[[int, str, str], Any] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self._on_text = on_text
         self._on_blob = on_blob
         self._on_first_receive = on_first_receive
+        self._on_output = on_output
         self.sent: list[tuple[int, str]] = []
         self.blobs: list[tuple[int, bytes]] = []
         self._texts: _Inbox[str] = _Inbox(self._lock)
@@ -78,6 +81,13 @@ class QueueSession:
             self.blobs.append((instance_id, data))
         if self._on_blob is not None:
             self._on_blob(instance_id, data)
+
+    def output(self, instance_id: int, stream: str, text: str) -> None:
+        """A guest's stdout/stderr line: to `on_output`, else the log (`pie.inferlet.<id>`)."""
+        if self._on_output is not None:
+            self._on_output(instance_id, stream, text)
+        else:
+            logging.getLogger(f"pie.inferlet.{instance_id}").info("[%s] %s", stream, text)
 
     def receive_text(self, instance_id: int) -> cf.Future[str]:
         self._first_receive()
