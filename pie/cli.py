@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from pie.engine.hf_export_cli import add_export_command
 from pie.runtime.cli_commands import add_runtime_commands
 
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-pages", type=int, default=256)
     gen.set_defaults(handler=_generate)
     add_runtime_commands(sub)
+    add_export_command(sub)
     return parser
 
 
