@@ -8,6 +8,7 @@ import time
 
 from pie.engine.hf_export_cli import add_export_command
 from pie.runtime.cli_commands import add_runtime_commands
+from pie.server.cli import add_serve_command
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv-pages", type=int, default=256)
     gen.set_defaults(handler=_generate)
     add_runtime_commands(sub)
+    add_serve_command(sub)
     add_export_command(sub)
     return parser
 
