@@ -35,6 +35,8 @@ def add_runtime_commands(subparsers: Any) -> None:
     options.add_argument("--cpu-seconds", type=float, default=60.0, help="guest CPU-time limit")
     options.add_argument("--wall-seconds", type=float, default=3600.0, help="wall-time limit")
     options.add_argument("--verbose", "-v", action="store_true", help="log the runtime's work")
+    options.add_argument("--server", default=None, help="run on a `pie serve` at this URL")
+    options.add_argument("--token", default=None, help="the server's token (or $PIE_TOKEN)")
     run = subparsers.add_parser(
         "run",
         parents=[options],
@@ -86,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
     if not program.is_file():
         print(f"pie run: no such file: {program}", file=sys.stderr)
         return 2
+    if args.server:
+        from pie.client.run import run_remote
+
+        return run_remote(args, program)
     try:
         return _run_program(args, program)
     except BuildError as e:
