@@ -1,0 +1,1 @@
+"""Built-in inferlets the server registers at start (shipped as package data, built on first use)."""
