@@ -108,7 +108,14 @@ async def drain(state: ServerState, grace_s: float, hurry: asyncio.Event | None 
     if left:
         log.info("draining: cancelled %d instances after the grace period", len(left))
         await asyncio.to_thread(cf.wait, [h.done for h in left], CANCEL_WAIT_S)
-    await asyncio.sleep(0.05)  # the instances' last events reach the connections' queues
+    # A done future's callbacks (which post the last event to this loop) run just after its
+    # waiters wake: wait until every client's instance has had its last event delivered.
+    settle = loop.time() + 2.0
+    while loop.time() < settle and any(
+        ch.handle is not None and ch.handle.done.done() and not ch.finished
+        for ch in state.channels.all()
+    ):
+        await asyncio.sleep(0.01)
     connections = list(state.connections)
     await asyncio.gather(*(c.flush(2.0) for c in connections), return_exceptions=True)
     await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
