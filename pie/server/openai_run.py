@@ -90,7 +90,7 @@ def check_context(job: Job, max_position: int, vocab_size: int, prompt_param: st
             f"This model's maximum context length is {max_position} tokens. However, you "
             f"requested {longest + (wanted or 0)} tokens ({asked}). Please reduce the length "
             "of the prompt or of the completion.",
-            param=prompt_param if wanted is None else "max_tokens",
+            param=prompt_param if wanted is None or longest >= max_position else "max_tokens",
             code="context_length_exceeded",
         )
 
