@@ -17,6 +17,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from pie.server import openai_api
 from pie.server.auth import AdmissionMiddleware
 from pie.server.metrics import SchedulerPoller
 from pie.server.state import ServerState
@@ -31,7 +32,7 @@ def create_app(state: ServerState) -> Starlette:
         Route("/health", _health),
         Route("/metrics", _metrics),
         WebSocketRoute("/ws", websocket_endpoint),
-        *_openai_routes(state),
+        *openai_api.routes(state),
     ]
     web_root = Path(state.config.web_root) if state.config.web_root else WEB_ROOT
     if (web_root / "index.html").is_file():
@@ -52,14 +53,6 @@ def create_app(state: ServerState) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=_lifespan)
     app.state.pie = state
     return app
-
-
-def _openai_routes(state: ServerState) -> list[BaseRoute]:
-    try:
-        from pie.server import openai_api  # type: ignore[attr-defined]
-    except ImportError:  # written by another helper; the server runs without it meanwhile
-        return []
-    return list(openai_api.routes(state))
 
 
 @contextlib.asynccontextmanager

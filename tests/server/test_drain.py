@@ -16,7 +16,7 @@ from tests.server.conftest import ServerProcess, run
 
 pytestmark = pytest.mark.slow
 CONNECTIONS = 5
-PER_CONNECTION = 10  # 50 in all: half waiting for a message, half generating long
+PER_CONNECTION = 10  # 50 in all
 
 
 def test_sigterm_drains_50_running_instances(server_cache: Path, chatty_wasm: bytes) -> None:
@@ -45,12 +45,11 @@ async def _drain_scenario(
     program = await clients[0].upload(wasm)
     instances: list[list[RemoteInstance]] = []
     for client in clients:
-        echoes = [await client.launch(program, ["echo"]) for _ in range(PER_CONNECTION // 2)]
-        streams = [
-            await client.launch(program, ["stream", "5000", "Count to a million:"])
-            for _ in range(PER_CONNECTION // 2)
-        ]
-        instances.append(echoes + streams)
+        # Per connection: 5 waiting for a message, 4 holding KV pages, 1 generating at length.
+        group = [await client.launch(program, ["echo"]) for _ in range(5)]
+        group += [await client.launch(program, ["hold", "Pages held here"]) for _ in range(4)]
+        group.append(await client.launch(program, ["stream", "5000", "Count to a million:"]))
+        instances.append(group)
     running = (await clients[0].info())["instances"]
     proc.proc.send_signal(signal.SIGTERM)
     refused = ""
