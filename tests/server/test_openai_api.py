@@ -20,6 +20,7 @@ from pie.engine.generate import generate
 from pie.engine.request import ForwardBatch, Greedy, RawLogits, SequenceForward
 from tests.server.conftest import ServerProcess, run, wait_pool_whole
 
+pytestmark = pytest.mark.slow  # a real pie serve and the real model
 MODEL = "smollm2-135m-instruct"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 TOL = 1e-4  # the same engine and kernels on both sides; only batch composition may differ
