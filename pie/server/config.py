@@ -30,7 +30,8 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16
     kv_pages: int = 1024
-    workers: int | None = None  # instance worker processes (when the runtime supports them)
+    # Instance worker processes (0: in-process; None: the runtime's default), where supported.
+    workers: int | None = None
     max_instances: int = 256
     max_batch_tokens: int = 512
     # Bearer token clients must present; None admits loopback clients only.
@@ -88,8 +89,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0-65535, got {self.port!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ConfigError(f"workers must be 0 (in-process) or more, got {self.workers!r}")
         if self.upload_chunk_bytes + 4096 > self.max_frame_bytes:
             raise ConfigError(
                 f"upload_chunk_bytes ({self.upload_chunk_bytes}) must leave 4096 bytes of "
