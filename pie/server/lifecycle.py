@@ -123,8 +123,18 @@ async def drain(state: ServerState, grace_s: float, hurry: asyncio.Event | None 
 
 
 def pool_report(runtime: Any) -> tuple[bool, str]:
-    """(whole, the final log line's words about the pool) after the runtime closed."""
+    """(whole, the final log line's words about the pool) after the runtime closed.
+
+    Named exports outlive their exporters by design; at shutdown they are withdrawn first, so
+    "whole" means no page leaked.
+    """
     pool = runtime.pool
+    exports = getattr(runtime, "exports", None)
+    withdrawn = 0
+    if exports is not None:
+        for name in exports.list():
+            exports.unexport(None, name)
+            withdrawn += 1
     try:
         pool.check_integrity()
         consistent = True
@@ -133,4 +143,6 @@ def pool_report(runtime: Any) -> tuple[bool, str]:
         consistent = False
     whole = consistent and pool.free_count == pool.num_pages
     words = f"{pool.free_count} of {pool.num_pages} KV pages free"
+    if withdrawn:
+        words += f" ({withdrawn} named exports withdrawn)"
     return whole, f"pool {'whole' if whole else 'NOT whole'}: {words}"
