@@ -90,6 +90,13 @@ def _feed_stdin(
 
     def pump() -> None:
         for line in sys.stdin:
-            asyncio.run_coroutine_threadsafe(send(line.rstrip("\n")), loop)
+            if loop.is_closed():  # the instance ended and the client with it
+                return
+            coroutine = send(line.rstrip("\n"))
+            try:
+                asyncio.run_coroutine_threadsafe(coroutine, loop)
+            except RuntimeError:  # closed between the check and the call
+                coroutine.close()
+                return
 
     threading.Thread(target=pump, name="pie-stdin", daemon=True).start()
