@@ -22,7 +22,7 @@ from pie.control.errors import (
 from pie.control.exports import REGISTRY_OWNER, Export, ExportRegistry
 from pie.control.forward import ForwardRequest
 from pie.control.page_pool import OwnerId, PagePool
-from pie.control.scheduler import BatchScheduler, SchedulerStats
+from pie.control.scheduler import BatchScheduler, SchedulerStats, StepInfo
 
 __all__ = [
     "REGISTRY_OWNER",
@@ -48,5 +48,6 @@ __all__ = [
     "QuotaExceededError",
     "SchedulerStats",
     "SchedulerStoppedError",
+    "StepInfo",
     "UnknownPageError",
 ]

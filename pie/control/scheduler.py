@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import cast
@@ -36,6 +36,15 @@ from pie.engine.errors import EngineError
 from pie.engine.request import ForwardBatch, SampleResult
 
 CopyOp = tuple[int, int, int]  # (src page, dst page, slots to copy)
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """One engine step, as step listeners see it."""
+
+    sequences: int  # sequences (chunks) in the batch
+    tokens: int  # tokens run
+    seconds: float  # time inside the engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,7 @@ class BatchScheduler:
         self._gathered = 0.0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._step_listeners: list[Callable[[StepInfo | None], None]] = []
         self._steps = self._forwards = self._tokens = self._sequences = 0
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -113,6 +123,12 @@ class BatchScheduler:
         self._settle(victims, error=SchedulerStoppedError("the scheduler stopped before it ran"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
+
+    def add_step_listener(self, listener: Callable[[StepInfo | None], None]) -> None:
+        """Calls `listener(step)` on the engine thread after each step's futures are resolved
+        (a process boundary sends the step's answers in one message from there; metrics count
+        the step). `step` is None after a round that only copied pages, or a crash."""
+        self._step_listeners.append(listener)
 
     def bind_contexts(self, contexts: ContextManager) -> None:
         if self._contexts is not None and self._contexts is not contexts:
@@ -222,12 +238,20 @@ class BatchScheduler:
                     chunks = self._copy_pages(copies, chunks)
                 error = self._execute(chunks) if chunks else None
                 self._finish_step(chunks, error)
+                step = None
+                if chunks:
+                    tokens = sum(len(c.seq.tokens) for c in chunks)
+                    step = StepInfo(len(chunks), tokens, self._last_step_s)
+                for listener in self._step_listeners:
+                    listener(step)
         except BaseException as exc:  # a bug here must not leave futures waiting forever
             with self._cond:
                 self._stopping = True
                 victims = self._retire(self._waiting + [c.forward for c in self._running])
                 self._running = []
             self._settle(victims, error=ControlError(f"the batch scheduler crashed: {exc!r}"))
+            for listener in self._step_listeners:
+                listener(None)
             raise
 
     def _next_work(self) -> tuple[list[CopyOp], list[Chunk]] | None:

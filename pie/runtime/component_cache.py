@@ -42,6 +42,26 @@ class ComponentCache:
             self._memory.setdefault(digest, compiled)
             return digest, self._memory[digest]
 
+    def load_file(self, digest: str, path: Path) -> wc.Component:
+        """The component `digest`, deserialized from an artifact this cache's key made (a
+        worker loads what its control process compiled)."""
+        with self._lock:
+            found = self._memory.get(digest)
+        if found is None:
+            found = wc.Component.deserialize_file(self.engine, str(path))
+            with self._lock:
+                found = self._memory.setdefault(digest, found)
+        return found
+
+    def artifact(self, digest: str, wasm: bytes) -> Path:
+        """Where the compiled artifact of `digest` lies on disk (written now if missing)."""
+        path = self._path(digest)
+        if path is None:
+            raise ValueError("this component cache keeps nothing on disk")
+        if not path.exists():
+            self._compile(digest, wasm)
+        return path
+
     def _path(self, digest: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{digest}-{self.key}.cwasm"
 

@@ -2,20 +2,21 @@
 
 Life: start → (wasm: store with memory limit, WASI without files or sockets, epoch deadline;
 instantiate; call `run`) or (native: call the same SDK entry in-process) → whatever way it ends
-(result, error, trap, limit, cancel) → cleanup returns every page and handle it held → `done`
-resolves. Guest stdout/stderr go to files read into the log, tagged with the instance id, up
-to the instance's output budget.
+(result, error, trap, limit, cancel) → cleanup drops every handle it held here → `on_end` (the
+runtime, or the worker's link to it, then returns its pages in the control process). Guest
+stdout/stderr go to files whose lines reach the instance's session, up to its output budget.
+It runs wherever its `Sandbox` is: a worker process, or the control process itself.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,15 +26,13 @@ from wasmtime import component as wc
 
 from pie.runtime.errors import InstanceFailed
 from pie.runtime.host import futures as host_futures
-from pie.runtime.host.state import HostServices, InstanceHost, Session, bind_current
-from pie.runtime.limits import InstanceLimits
+from pie.runtime.host.state import InstanceHost, bind_current
 from pie.runtime.wasm_bindings import TICK_SECONDS, set_deadline, watch_deadline
 
 if TYPE_CHECKING:
-    from pie.runtime.runtime import Runtime
+    from pie.runtime.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
-CHILD_GRACE_SECONDS = 2.0  # how long an ending parent waits for its cancelled children
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,63 +100,48 @@ class GuestLog:
 
     def _log(self, lines: list[str]) -> None:
         for line in lines:
-            self.host.session.output(self.host.id, self.stream, line)
+            self.host.control.output(self.stream, line)
 
 
 class InferletInstance:
-    """A running (or finished) inferlet; `done` resolves with its result or InstanceFailed."""
+    """A running (or finished) inferlet; `on_end(instance, result or InstanceFailed)` runs on
+    its thread once it has ended and dropped what it held here."""
 
     def __init__(
         self,
-        runtime: Runtime,
+        sandbox: Sandbox,
         program: Program,
-        args: list[str],
+        host: InstanceHost,
         *,
-        instance_id: int,
-        services: HostServices,
-        session: Session,
-        limits: InstanceLimits,
         native: bool,
-        depth: int = 0,
-        log_dir: Path,
+        on_end: Callable[[InferletInstance, str | InstanceFailed], None],
     ) -> None:
-        self.runtime = runtime
+        self.sandbox = sandbox
         self.program = program
-        self.args = list(args)
-        self.id = instance_id
+        self.host = host
+        self.id = host.id
         self.native = native
-        self.host = InstanceHost(
-            id=instance_id,
-            program=program.hash,
-            args=self.args,
-            services=services,
-            session=session,
-            limits=limits,
-            depth=depth,
-        )
-        self.done: cf.Future[str] = cf.Future()
+        self.on_end = on_end
         self.started_at = 0.0
         self.ended_at = 0.0
-        # The sandbox of a wasm run, dropped only after `done` resolves: unmapping its memory
-        # takes about a millisecond that nobody waiting for the result needs to pay.
+        self.ended = False
+        # The sandbox of a wasm run, dropped only after `on_end`: unmapping its memory takes
+        # about a millisecond that nobody waiting for the result needs to pay.
         self._store: wasmtime.Store | None = None
-        self._thread = threading.Thread(
-            target=self._main, name=f"inferlet-{instance_id}", daemon=True
-        )
-        self.stdout_path = log_dir / f"{instance_id}.stdout"
-        self.stderr_path = log_dir / f"{instance_id}.stderr"
+        self._thread = threading.Thread(target=self._main, name=f"inferlet-{self.id}", daemon=True)
+        self.stdout_path = sandbox.log_dir / f"{self.id}.stdout"
+        self.stderr_path = sandbox.log_dir / f"{self.id}.stderr"
         spent = [0]  # bytes of output logged, both streams
         self.logs = [
-            GuestLog(self.stdout_path, self.host, "stdout", spent),
-            GuestLog(self.stderr_path, self.host, "stderr", spent),
+            GuestLog(self.stdout_path, host, "stdout", spent),
+            GuestLog(self.stderr_path, host, "stderr", spent),
         ]
         self._deadline_callback: object = None  # wasmtime calls it while the store lives
 
     # ---- control (any thread) ------------------------------------------------------------------
     def start(self) -> InferletInstance:
-        if limits_quota := self.host.limits.kv_pages:
-            self.host.services.pool.set_quota(self.id, limits_quota)
         self.started_at = time.monotonic()
+        self.sandbox.running.add(self)
         self._thread.start()
         return self
 
@@ -166,18 +150,10 @@ class InferletInstance:
         without host calls the next epoch check (within ~50 ms), ends it."""
         self.host.stop(reason)
 
-    def wait(self, timeout: float | None = None) -> str:
-        """The result; raises InstanceFailed if the instance failed."""
-        return self.done.result(timeout)
-
-    @property
-    def running(self) -> bool:
-        return not self.done.done()
-
     # ---- the instance thread ---------------------------------------------------------------------
     def _main(self) -> None:
         bind_current(self.host)
-        outcome: str | BaseException
+        outcome: str | InstanceFailed
         try:
             outcome = self._run_native() if self.native else self._run_wasm()
         except InstanceFailed as e:
@@ -194,11 +170,14 @@ class InferletInstance:
             for guest_log in self.logs:
                 guest_log.pump(final=True)
             self.ended_at = time.monotonic()
+        self.ended = True
+        self.sandbox.running.discard(self)
         if isinstance(outcome, BaseException):
             self.host.log.info("failed: %s", str(outcome).splitlines()[0] if str(outcome) else "")
-            self.done.set_exception(outcome)
-        else:
-            self.done.set_result(outcome)
+        try:
+            self.on_end(self, outcome)
+        except Exception:
+            log.exception("instance %d: ending it failed", self.id)
         self._store = None
 
     def _run_wasm(self) -> str:
@@ -206,23 +185,23 @@ class InferletInstance:
         if component is None:
             raise InstanceFailed(f"program {self.program.name} has no component; build it first")
         limits = self.host.limits
-        store = self._store = wasmtime.Store(self.runtime.wasm_engine)
+        store = self._store = wasmtime.Store(self.sandbox.wasm_engine)
         store.set_limits(memory_size=limits.memory_bytes)
         wasi = wasmtime.WasiConfig()
         wasi.argv = [self.program.name]
         wasi.stdout_file = str(self.stdout_path)
         wasi.stderr_file = str(self.stderr_path)
-        for host_path, guest_path in self.runtime.preopen_dirs.items():
+        for host_path, guest_path in self.sandbox.preopen_dirs.items():
             wasi.preopen_dir(host_path, guest_path)
         store.set_wasi(wasi)
         set_deadline(store, self.host)  # before instantiation: the default deadline traps at once
         self._deadline_callback = watch_deadline(store, self.host)
         try:
-            instance = self.runtime.linker.instantiate(store, component)
+            instance = self.sandbox.linker.instantiate(store, component)
             run = instance.get_func(store, "run")
             if run is None:
                 raise InstanceFailed(f"program {self.program.name} exports no `run` function")
-            out = run(store, json.dumps(self.args))
+            out = run(store, json.dumps(self.host.args))
         except wasmtime.WasmtimeError as e:  # a trapped store is poisoned: never called again
             raise InstanceFailed(self._trap_message(e)) from None
         if out.tag == "ok":
@@ -236,7 +215,7 @@ class InferletInstance:
             raise InstanceFailed(
                 f"program {self.program.name} has no Python source for native mode"
             )
-        return native.run_source(self.program.source, self.args, self.host)
+        return native.run_source(self.program.source, self.host.args, self.host)
 
     def _trap_message(self, error: wasmtime.WasmtimeError) -> str:
         host = self.host
@@ -259,31 +238,17 @@ class InferletInstance:
             reason = f"trapped: {_trap_kind(text)}"
         return f"instance {self.id} ({self.program.name}) ended: {reason}"
 
-    # ---- cleanup: whatever way the instance ended ----------------------------------------------------
+    # ---- cleanup: whatever way the instance ended ----------------------------------------------
     def _cleanup(self) -> None:
-        services = self.host.services
-        children = [c for c in self.host.children if not c.done.done()]
-        for child in children:
-            child.cancel(f"its parent (instance {self.id}) ended")
+        """Drops every handle; pending receives and pulls are withdrawn. Contexts, pages,
+        subscriptions and children are the control process's to release (`on_end`)."""
+        control = self.host.control
         for kind, obj in self.host.handles.drain():
             try:
-                if kind == host_futures.KIND and obj.what in ("text", "blob"):
-                    obj.future.cancel()  # withdraw pending receives and pulls
-                elif kind == "subscription":
-                    obj.close()
+                if kind == host_futures.KIND and obj.what in ("text", "blob", "generated"):
+                    control.withdraw(obj.future)
             except Exception:
                 log.exception("instance %d: releasing a %s failed", self.id, kind)
-        try:
-            # First no forward of ours may run, then every context and page reference goes.
-            services.scheduler.cancel_owner(self.id)
-            services.contexts.close_owner(self.id)
-        except Exception:
-            log.exception("instance %d: releasing its forwards and contexts failed", self.id)
-        services.pool.release_owner(self.id)
-        if self.host.limits.kv_pages:
-            services.pool.set_quota(self.id, None)
-        if children:
-            cf.wait([c.done for c in children], timeout=CHILD_GRACE_SECONDS)
 
 
 def _trap_kind(text: str) -> str:

@@ -37,9 +37,10 @@ from pie.engine.request import (
     TopKDistribution,
 )
 from pie.runtime.build import cache_dir
-from pie.runtime.errors import GUEST_ERRORS, InstanceFailed, InstanceTrap
+from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
+from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceFailed, InstanceTrap
 from pie.runtime.host import forward, model
-from pie.runtime.host.forward import ForwardCall, LogitsRef
+from pie.runtime.host.forward import LogitsRef
 from pie.runtime.host.state import InstanceHost, current_host
 from pie.runtime.wasm_bindings import FUNCTIONS, PLAIN
 from pie.runtime.wit import WORLD, wit_dir, wit_hash
@@ -126,6 +127,21 @@ def _overrides(modules: dict[str, Any]) -> dict[str, dict[str, Callable[..., Any
         results = forward.execute_many(h, [(c, call_of(a)) for c, a in passes])
         return [types.Ok(r) if isinstance(r, int) else types.Err(r) for r in results]
 
+    def spec_of(a: Any) -> GenerateSpec:
+        sampler = _sampler(a.sampler, fw)
+        if not isinstance(sampler, Greedy | Sample):
+            raise HostError("a delegated generation samples with greedy or sample only")
+        return GenerateSpec(
+            list(a.tokens), sampler, int(a.max_tokens), frozenset(a.stop_tokens),
+            tuple(a.stop_strings), bool(a.stream_to_client), int(a.chunk_tokens), bool(a.text),
+        )  # fmt: skip
+
+    def generated(chunk: GeneratedChunk) -> Any:
+        finish = None
+        if chunk.finish is not None:
+            finish = fw.FinishReason[chunk.finish.upper().replace("-", "_")]
+        return fw.Generated(list(chunk.tokens), chunk.text, finish)
+
     def info(h: InstanceHost, m: int) -> Any:
         i = model.info(h, m)
         return md.ModelInfo(i.name, i.vocab_size, i.page_size, i.max_position)
@@ -138,6 +154,12 @@ def _overrides(modules: dict[str, Any]) -> dict[str, dict[str, Callable[..., Any
             "execute-wait": lambda h, c, a: [
                 _output(o, fw) for o in forward.execute_wait(h, c, call_of(a))
             ],
+            "generate": lambda h, c, a: forward.generate(h, c, spec_of(a)),
+            "generate-many": lambda h, runs: [
+                types.Ok(r) if isinstance(r, int) else types.Err(r)
+                for r in forward.generate_many(h, [(c, spec_of(a)) for c, a in runs])
+            ],
+            "take-generated": lambda h, f: generated(forward.take_generated(h, f)),
         },
         "model": {
             "info": info,

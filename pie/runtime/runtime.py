@@ -1,67 +1,42 @@
-"""`Runtime`: the wasm engine, the control layer and every running inferlet of one server.
+"""`Runtime`: the control process of one server: the control layer over one model engine, the
+programs, and every running inferlet, in worker processes or in this one.
 
-It owns one wasmtime Engine (epoch interruption on; a ticker thread advances the epoch), the
-component cache, the linker with the host implementation, the page pool, export registry,
-context manager and batch scheduler over one model engine, the message bus, and the registry of
-programs and instances. Two runtimes in one process are independent (the one module-level
-thing is an exit hook that freezes every runtime's epoch before the interpreter finalizes).
+It owns the page pool, export registry, context manager and batch scheduler, the message bus,
+the `ControlPlane` every instance's host calls end in, and the registry of programs and
+instances. Wasm instances run in `workers` worker processes (default: one per CPU; 0 runs them
+on threads of this process); native instances (`--native`) always run here. Two runtimes in one
+process are independent.
 """
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import wasmtime
 
 from pie import __version__
 from pie.control.context import ContextManager
 from pie.control.exports import ExportRegistry
 from pie.control.page_pool import PagePool
 from pie.runtime.build import build_inferlet, cache_dir, source_hash
-from pie.runtime.component_cache import ComponentCache
-from pie.runtime.errors import HostError, LaunchError
-from pie.runtime.host.state import HostServices, InstanceHost, Session
+from pie.runtime.errors import HostError, InstanceFailed, LaunchError
+from pie.runtime.host.control_port import ControlPort, LocalControl
+from pie.runtime.host.state import HostModel, HostServices, InstanceHost, Session
 from pie.runtime.instance import InferletInstance, Program
 from pie.runtime.limits import InstanceLimits
 from pie.runtime.messaging import MessageBus
+from pie.runtime.plane.plane import ControlPlane
+from pie.runtime.records import InstanceRecord
+from pie.runtime.sandbox import Sandbox
 from pie.runtime.session import QueueSession
-from pie.runtime.wasm_bindings import CHECK_TICKS, TICK_SECONDS, build_linker
+from pie.runtime.workers.pool import WorkerPool, default_workers
 
 log = logging.getLogger(__name__)
-_TICKING: weakref.WeakSet[Runtime] = weakref.WeakSet()  # runtimes whose epoch still advances
-
-
-@atexit.register
-def _stop_ticking_at_exit() -> None:
-    """Freezes every runtime's epoch before the interpreter finalizes.
-
-    A guest still running then never reaches another deadline: its deadline callback
-    (`wasm_bindings.watch_deadline`) could not take the GIL of a finalizing interpreter from
-    inside wasmtime's frames, and the process would abort instead of exiting.
-    """
-    runtimes = list(_TICKING)
-    for runtime in runtimes:
-        runtime._closed.set()
-    for runtime in runtimes:
-        runtime._ticker.join(timeout=1.0)
-    if runtimes:
-        time.sleep(CHECK_TICKS * TICK_SECONDS)  # callbacks already due take the GIL meanwhile
-
-
-# Guest stdout/stderr files are read into the log every 5 ticks (50 ms): a guest past its output
-# budget is stopped within about that much more (see instance.GuestLog).
-LOG_PUMP_TICKS = 5
 
 
 class Runtime:
@@ -77,61 +52,54 @@ class Runtime:
         max_instances: int = 256,
         preopen_dirs: dict[str, str] | None = None,
         scheduler: Any = None,
+        workers: int | None = None,
     ) -> None:
         from pie.control.scheduler import BatchScheduler
 
         self.engine = engine
         self.limits = limits or InstanceLimits()
         self.max_instances = max_instances
-        # Host directories guests may read and write (none by default: no filesystem).
-        self.preopen_dirs = dict(preopen_dirs or {})
         self.pool = PagePool(engine.num_pages)
         self.exports = ExportRegistry(self.pool)
         self.scheduler = scheduler or BatchScheduler(engine, max_batch_tokens=max_batch_tokens)
         self.contexts = ContextManager(self.pool, self.exports, self.scheduler)
         self.scheduler.start()
         self.bus = MessageBus()
-        self.services = HostServices(
-            engine=engine,
-            pool=self.pool,
-            exports=self.exports,
-            contexts=self.contexts,
-            scheduler=self.scheduler,
-            bus=self.bus,
-            launch=self._launch_child,
-            version=__version__,
+        self.plane = ControlPlane(
+            engine, self.pool, self.exports, self.contexts, self.scheduler, self.bus, self
         )
-        config = wasmtime.Config()
-        config.epoch_interruption = True
-        self.wasm_engine = wasmtime.Engine(config)
-        root = cache if cache is not None else cache_dir()
-        self.components = ComponentCache(self.wasm_engine, "epoch", root / "compiled")
-        self._linker: Any = None
+        self.model = HostModel.of(engine)
+        self.services = HostServices(self.model, __version__)
+        self.cache_root = cache if cache is not None else cache_dir()
+        self.sandbox = Sandbox(self.cache_root, preopen_dirs)
+        self.components = self.sandbox.components
         self._programs: dict[str, Program] = {}
         self._names: dict[str, str] = {}
-        self._instances: dict[int, InferletInstance] = {}
+        self._instances: dict[int, InstanceRecord] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._log_dir = Path(tempfile.mkdtemp(prefix="pie-guest-logs-"))
-        self._closed = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="pie-epoch", daemon=True)
-        self._ticker.start()
-        _TICKING.add(self)
+        self._closed = False
+        count = default_workers() if workers is None else workers
+        self.workers: WorkerPool | None = None
+        if count > 0:
+            try:
+                self.workers = WorkerPool(self, count)
+            except BaseException:
+                self.scheduler.stop()
+                self.sandbox.close()
+                raise
+
+    @property
+    def wasm_engine(self) -> Any:
+        return self.sandbox.wasm_engine
 
     # ---- programs --------------------------------------------------------------------------------
-    @property
-    def linker(self) -> Any:
-        with self._lock:
-            if self._linker is None:
-                self._linker = build_linker(self.wasm_engine)
-            return self._linker
-
     def add_component(self, wasm: bytes | str | os.PathLike[str], name: str | None = None) -> str:
         """Registers a built component; returns its content hash (also usable as its name)."""
         data = wasm if isinstance(wasm, bytes) else Path(wasm).read_bytes()
         digest, component = self.components.load(data)
         label = name or (Path(wasm).stem if not isinstance(wasm, bytes) else digest[:12])
-        self._register(Program(digest, label, component=component), name)
+        self._register(Program(digest, label, component=component), name, data)
         return digest
 
     def add_source(
@@ -143,16 +111,25 @@ class Runtime:
         label = name or path.stem
         if native:
             digest = source_hash(path)
-            self._register(Program(digest, label, source=path), name)
+            self._register(Program(digest, label, source=path), name, None)
             return digest
-        digest, component = self.components.load(build_inferlet(path).read_bytes())
-        self._register(Program(digest, label, component=component, source=path), name)
+        data = build_inferlet(path).read_bytes()
+        digest, component = self.components.load(data)
+        self._register(Program(digest, label, component=component, source=path), name, data)
         return digest
 
-    def _register(self, program: Program, name: str | None) -> None:
+    def _register(self, program: Program, name: str | None, wasm: bytes | None) -> None:
         with self._lock:
             self._programs[program.hash] = program
             self._names[name or program.name] = program.hash
+        if self.workers is not None and wasm is not None:
+            artifact = self.components.artifact(program.hash, wasm)
+            self.workers.add_program(program, str(artifact))
+
+    def has_program(self, ref: str) -> bool:
+        """Whether `ref` (a hash or a name) names a registered program."""
+        with self._lock:
+            return self._names.get(ref, ref) in self._programs
 
     def program(self, ref: str) -> Program:
         with self._lock:
@@ -172,9 +149,10 @@ class Runtime:
         limits: InstanceLimits | None = None,
         native: bool = False,
         depth: int = 0,
-    ) -> InferletInstance:
+        parent: InstanceRecord | None = None,
+    ) -> InstanceRecord:
         """Starts an instance of `program` (hash or name) and returns it at once."""
-        if self._closed.is_set():
+        if self._closed:
             raise LaunchError("the runtime is closed")
         prog = self.program(program)
         with self._lock:
@@ -183,78 +161,133 @@ class Runtime:
                 raise LaunchError(
                     f"{self.max_instances} inferlets are running; wait for some to finish"
                 )
-            instance = InferletInstance(
+            record = InstanceRecord(
                 self,
+                next(self._ids),
                 prog,
                 list(args),
-                instance_id=next(self._ids),
-                services=self.services,
-                session=session or QueueSession(),
-                limits=limits or self.limits,
+                session or QueueSession(),
+                limits or self.limits,
                 native=native,
                 depth=depth,
-                log_dir=self._log_dir,
+                parent=parent,
             )
-            self._instances[instance.id] = instance
-        return instance.start()
+            self._instances[record.id] = record
+        self.plane.register(record.id, record.session, record.limits.kv_pages)
+        try:
+            if native or self.workers is None or prog.component is None:
+                self._start_here(record)
+            else:
+                self.workers.launch(record)
+        except Exception as e:
+            self.plane.release(record.id)
+            with self._lock:
+                self._instances.pop(record.id, None)
+            raise LaunchError(f"could not start {prog.name}: {e}") from e
+        return record
+
+    def _start_here(self, record: InstanceRecord) -> None:
+        control: ControlPort = LocalControl(self.plane, record.id)  # type: ignore[assignment]
+        host = InstanceHost(
+            id=record.id,
+            program=record.program.hash,
+            args=record.args,
+            services=self.services,
+            control=control,
+            limits=record.limits,
+        )
+        instance = InferletInstance(
+            self.sandbox,
+            record.program,
+            host,
+            native=record.native,
+            on_end=lambda _, outcome: self.instance_ended(record, outcome),
+        )
+        record.local = instance
+        instance.start()
+
+    def instance_ended(self, record: InstanceRecord, outcome: str | InstanceFailed) -> None:
+        """Releases what the instance held here, ends its children, resolves `done`."""
+        for child in record.live_children():
+            child.cancel(f"its parent (instance {record.id}) ended")
+        self.plane.release(record.id)
+        record.ended_at = time.monotonic()
+        if isinstance(outcome, BaseException):
+            record.done.set_exception(outcome)
+        else:
+            record.done.set_result(outcome)
 
     def run(self, program: str, args: Sequence[str] = (), **kwargs: Any) -> str:
         """Launches and waits; returns the result or raises InstanceFailed."""
         return self.launch(program, args, **kwargs).wait()
 
-    def _launch_child(
-        self, parent: InstanceHost, program: str, args: list[str]
-    ) -> InferletInstance:
-        try:
-            prog = self.program(program)
-            parent_instance = self.instance(parent.id)
-            # A native parent runs its children natively when it can: one debugger sees them all.
-            native = bool(parent_instance and parent_instance.native and prog.source is not None)
-            return self.launch(
-                prog.hash,
-                args,
-                session=parent.session,
-                limits=parent.limits,
-                native=native,
-                depth=parent.depth + 1,
-            )
-        except LaunchError as e:  # the parent can handle it: an err, not a trap
-            raise HostError(str(e)) from None
-
-    def instance(self, instance_id: int) -> InferletInstance | None:
+    def instance(self, instance_id: int) -> InstanceRecord | None:
         with self._lock:
             return self._instances.get(instance_id)
 
-    def instances(self) -> list[InferletInstance]:
+    def instances(self) -> list[InstanceRecord]:
         with self._lock:
             return [x for x in self._instances.values() if x.running]
 
-    # ---- lifecycle -------------------------------------------------------------------------------
-    def _tick(self) -> None:
-        for count in itertools.count(1):
-            if self._closed.wait(TICK_SECONDS):
-                return
-            self.wasm_engine.increment_epoch()
-            if count % LOG_PUMP_TICKS == 0:
-                for instance in self.instances():
-                    for guest_log in instance.logs:
-                        guest_log.pump()
+    # ---- children (the plane's `Instances`) ---------------------------------------------------------
+    def launch_child(self, parent_id: int, program: str, args: list[str]) -> tuple[int, Any]:
+        parent = self.instance(parent_id)
+        if parent is None or not parent.running:
+            raise HostError(f"instance {parent_id} has ended")
+        limits = parent.limits
+        if parent.depth + 1 > limits.max_depth:
+            raise HostError(
+                f"launch depth limit reached ({limits.max_depth}): a child may not launch "
+                "children this deep"
+            )
+        if len(parent.live_children()) >= limits.max_children:
+            raise HostError(
+                f"child limit reached ({limits.max_children} running): await or cancel children first"
+            )
+        try:
+            prog = self.program(program)
+            # A native parent runs its children natively when it can: one debugger sees them all.
+            native = parent.native and prog.source is not None
+            child = self.launch(
+                prog.hash,
+                args,
+                session=parent.session,
+                limits=limits,
+                native=native,
+                depth=parent.depth + 1,
+                parent=parent,
+            )
+        except LaunchError as e:  # the parent can handle it: an err, not a trap
+            raise HostError(str(e)) from None
+        parent.children.append(child)
+        return child.id, child.done
 
+    def cancel_child(self, parent_id: int, child_id: int, reason: str) -> None:
+        parent = self.instance(parent_id)
+        child = next((c for c in parent.children if c.id == child_id), None) if parent else None
+        if child is None:
+            raise HostError(f"instance {child_id} is not a child of instance {parent_id}")
+        child.cancel(reason)
+
+    # ---- lifecycle -------------------------------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
-        """Stops every instance, waits for them (up to `timeout`), stops the scheduler."""
-        if self._closed.is_set():
+        """Stops every instance, waits for them (up to `timeout`), stops the workers and the
+        scheduler."""
+        if self._closed:
             return
+        self._closed = True
         running = self.instances()
-        for instance in running:
-            instance.cancel("the runtime is shutting down")
-        for instance in running:
+        for record in running:
+            record.cancel("the runtime is shutting down")
+        for record in running:
             try:
-                instance.done.exception(timeout)  # waits; failures are expected here
+                record.done.exception(timeout)  # waits; failures are expected here
             except TimeoutError:
-                log.warning("instance %d did not stop within %.1f s", instance.id, timeout)
-        self._closed.set()
+                log.warning("instance %d did not stop within %.1f s", record.id, timeout)
+        if self.workers is not None:
+            self.workers.close()
         self.scheduler.stop()
-        shutil.rmtree(self._log_dir, ignore_errors=True)
+        self.sandbox.close()
 
     def __enter__(self) -> Runtime:
         return self

@@ -37,9 +37,10 @@ from pie.engine.request import (
     TopKDistribution,
 )
 from pie.runtime import wasm_calls
+from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceTrap
 from pie.runtime.host import forward, kv, messaging, model, poll, runtime_api, session
-from pie.runtime.host.forward import ForwardCall, LogitsRef
+from pie.runtime.host.forward import LogitsRef
 from pie.runtime.host.state import InstanceHost
 from pie.runtime.wit import interface_name
 
@@ -92,6 +93,26 @@ def forward_call_from_wasm(args: Any) -> ForwardCall:
             for o in _field(args, "outputs")
         ],
     )
+
+
+def generate_spec_from_wasm(args: Any) -> GenerateSpec:
+    sampler = sampler_from_wasm(_field(args, "sampler"))
+    if not isinstance(sampler, Greedy | Sample):
+        raise HostError("a delegated generation samples with greedy or sample only")
+    return GenerateSpec(
+        tokens=_field(args, "tokens"),
+        sampler=sampler,
+        max_tokens=int(_field(args, "max-tokens")),
+        stop_tokens=frozenset(_field(args, "stop-tokens")),
+        stop_strings=tuple(_field(args, "stop-strings")),
+        stream=bool(_field(args, "stream-to-client")),
+        chunk_tokens=int(_field(args, "chunk-tokens")),
+        text=bool(_field(args, "text")),
+    )
+
+
+def generated_to_wasm(chunk: GeneratedChunk) -> wc.Record:
+    return _record(tokens=chunk.tokens, text=chunk.text, finish=chunk.finish)
 
 
 def output_to_wasm(out: Any) -> wc.Variant:
@@ -197,6 +218,16 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
         "logits-top-k": (forward.logits_top_k, RESULT),
         "logits-values": (forward.logits_values, RESULT),
         "logits-release": (forward.logits_release, RESULT),
+        "generate": (lambda h, c, a: forward.generate(h, c, generate_spec_from_wasm(a)), RESULT),
+        "generate-many": (
+            lambda h, runs: forward.generate_many(
+                h, [(c, generate_spec_from_wasm(a)) for c, a in runs]
+            ),
+            PLAIN,  # one result per loop: an int lowers as ok, a str as err
+        ),
+        "generate-next": (forward.generate_next, RESULT),
+        "take-generated": (lambda h, f: generated_to_wasm(forward.take_generated(h, f)), RESULT),
+        "generate-stop": (forward.generate_stop, RESULT),
     },
     "session": {
         "send": (session.send, RESULT),
@@ -259,6 +290,8 @@ def watch_deadline(store: wasmtime.Store, host: InstanceHost) -> Any:
     def on_deadline(context: Any, data: Any, delta: Any, kind: Any) -> int:
         try:
             host.check_alive()
+            if host.gate is not None:  # a guest computing for long: what it queued goes now
+                host.gate.flush_if_stale()
             delta[0] = _ticks_to_check(host)
             kind[0] = _CONTINUE
             return 0

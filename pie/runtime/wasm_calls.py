@@ -52,6 +52,9 @@ class HostFunction:
 
 
 _FUNCTIONS: dict[int, HostFunction] = {}
+# Host calls served by this process (read by the benchmarks; a list so no lock is needed to bump
+# it under the GIL).
+CALLS = [0]
 _ids = itertools.count(1)  # never 0: a null `data` pointer reads back as None
 
 
@@ -79,6 +82,7 @@ def _dispatch(
 ) -> int | None:
     function = _FUNCTIONS.get(data or 0)
     host: InstanceHost | None = None
+    CALLS[0] += 1
     try:
         if function is None:
             return _error("call of an unregistered host function")

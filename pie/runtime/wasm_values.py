@@ -289,9 +289,21 @@ def lower(ty: Any) -> Lower:
         return _lower_record([(name, lower(t)) for name, t in ty.fields])
     if isinstance(ty, wc.TupleType):
         return _lower_tuple([lower(t) for t in ty.elements])
+    if isinstance(ty, wc.EnumType):
+        return _lower_enum(set(ty.names))
     if isinstance(ty, (wc.VariantType, wc.OptionType, wc.ResultType)):
         return _lower_variant(ty)
     raise Unsupported(type(ty).__name__)
+
+
+def _lower_enum(names: set[str]) -> Lower:
+    def lower_enum(value: Any, dst: Any) -> None:
+        if value not in names:
+            raise TypeError(f"expected one of {sorted(names)}, got {value!r}")
+        _set_text(dst.of.enumeration, value)
+        dst.kind = ENUM
+
+    return lower_enum
 
 
 def _lower_scalar(scalar: Scalar) -> Lower:

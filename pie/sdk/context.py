@@ -8,14 +8,19 @@ page copy-on-write, `export`/`import_` share a prefix with other inferlets by na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pie.sdk._wit import PieError, call, forward, kv, poll
 from pie.sdk.chat import Chat
+from pie.sdk.io import send as _send
 from pie.sdk.loop import PieEventLoop, wait_host
 from pie.sdk.model import Model, Tokenizer
-from pie.sdk.sampler import Greedy, Sampler, from_wit
+from pie.sdk.sampler import Greedy, Sample, Sampler, from_wit
+
+# How many new tokens a watched delegated generation hands the program at a time.
+CHUNK_TOKENS = 16
 
 
 class Context:
@@ -135,9 +140,22 @@ class Context:
         sampler: Sampler | None = None,
         stop_tokens: Iterable[int] | None = None,
         on_token: Callable[[int], Any] | None = None,
+        *,
+        delegate: bool = True,
     ) -> list[int]:
-        """Generates up to `max_tokens` tokens; the stop token, if reached, is included."""
+        """Generates up to `max_tokens` tokens; the stop token, if reached, is included.
+
+        The loop runs on the host (one host call, no wake-up per token) unless `delegate` is
+        False or the sampler is not a token sampler; `on_token` then sees the tokens in chunks
+        of `CHUNK_TOKENS` as they come. The tokens are the same either way.
+        """
         stops = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
+        if delegate and _delegable(sampler):
+            watch = None if on_token is None else lambda chunk: [on_token(t) for t in chunk.tokens]
+            tokens, _ = await self._delegated(
+                max_tokens, sampler, stops, (), to_client=False, watch=watch, text=False
+            )
+            return tokens
         out: list[int] = []
         while len(out) < max_tokens:
             token = await self.next_token(sampler)
@@ -156,14 +174,29 @@ class Context:
         stop: Iterable[str] = (),
         stop_tokens: Iterable[int] | None = None,
         stream: Callable[[str], Any] | None = None,
+        delegate: bool = True,
+        chunk_tokens: int | None = None,
     ) -> str:
         """Generates text until a stop token, a stop string or `max_tokens`.
 
         `stream` receives the text as it is produced (e.g. `pie.sdk.send`); text that could be
-        the start of a stop string is held back until it is known not to be.
+        the start of a stop string is held back until it is known not to be. The loop runs on
+        the host unless `delegate` is False: with `stream=send` the host streams to the client
+        itself, token by token; any other `stream` is called per chunk of `chunk_tokens`
+        (default `CHUNK_TOKENS`) new tokens. The text is the same either way.
         """
         stops = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
         stop_strings = [s for s in stop if s]
+        if delegate and _delegable(sampler):
+            to_client = stream is not None and stream is _send
+            watch = None
+            if stream is not None and not to_client:
+                watch = lambda chunk: stream(chunk.text) if chunk.text else None  # noqa: E731
+            _, text = await self._delegated(
+                max_tokens, sampler, stops, stop_strings, to_client=to_client, watch=watch,
+                text=True, chunk_tokens=chunk_tokens,
+            )  # fmt: skip
+            return text
         hold = max((len(s) for s in stop_strings), default=1) - 1
         decoder = self.tokenizer.decoder()
         text, emitted, cut = "", 0, False
@@ -187,6 +220,55 @@ class Context:
         if stream is not None and len(text) > emitted:
             stream(text[emitted:])
         return text
+
+    async def _delegated(
+        self,
+        max_tokens: int,
+        sampler: Sampler | None,
+        stops: Iterable[int],
+        stop_strings: Sequence[str],
+        *,
+        to_client: bool,
+        watch: Callable[[Any], Any] | None,
+        text: bool,
+        chunk_tokens: int | None = None,
+    ) -> tuple[list[int], str]:
+        """Hands the loop to the host (`forward.generate`) and collects its chunks."""
+        if max_tokens <= 0:
+            return [], ""
+        if not self.pending:
+            raise PieError("nothing to run: fill tokens first (a context samples after its queue)")
+        queued, self.pending = self.pending, []
+        every = 0 if watch is None else max(1, chunk_tokens or CHUNK_TOKENS)
+        args = forward.GenerateArgs(
+            queued, (sampler or Greedy()).to_wit(), int(max_tokens), sorted(stops),
+            list(stop_strings), to_client, every, text,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        if isinstance(loop, PieEventLoop) and not loop.alone():
+            gen = await loop.queue_generate(self.handle, args)  # started with this turn's others
+        else:
+            gen = int(call(forward.generate, self.handle, args))
+        tokens: list[int] = []
+        out = ""
+        finished = False
+        try:
+            while not finished:
+                future = int(call(forward.generate_next, gen))
+                await wait_host(future)
+                chunk = call(forward.take_generated, future)
+                tokens += chunk.tokens
+                out += chunk.text
+                finished = chunk.finish is not None
+                if watch is not None:
+                    watch(chunk)
+        finally:
+            if not finished:  # cancelled, or a failed step: the loop must not go on alone
+                with contextlib.suppress(PieError):
+                    call(forward.generate_stop, gen)
+        if tokens:
+            self.pending = [tokens[-1]]
+        return tokens, out
 
     # ---- sharing and editing ----------------------------------------------------------------------
     def fork(self) -> Context:
@@ -253,3 +335,8 @@ def _forward_args(
         None if logit_mask is None else list(logit_mask),
         [forward.OutputSpec(int(i), s.to_wit()) for i, s in outputs],
     )
+
+
+def _delegable(sampler: Sampler | None) -> bool:
+    """A loop the host can run: a token sampler, the same every step."""
+    return sampler is None or isinstance(sampler, Greedy | Sample)

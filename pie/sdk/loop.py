@@ -26,16 +26,34 @@ class _HostSelector:
         self.waiting: dict[int, asyncio.Future[int]] = {}
         # Forward passes started by tasks in this turn, sent together before the loop waits.
         self.outbox: list[tuple[int, Any, asyncio.Future[int]]] = []
+        # Delegated generations started in this turn, likewise (their first passes share a step).
+        self.generations: list[tuple[int, Any, asyncio.Future[int]]] = []
 
     def flush(self) -> bool:
-        """Sends the queued forward passes in one host call, so they share a batch.
+        """Sends the queued generations and forward passes, each kind in one host call, so they
+        share a batch.
 
-        Each pass's future then waits for the pass to finish. Returns whether some task can
-        run now (a pass was refused).
+        Each pass's future then waits for the pass to finish; each generation's future gives its
+        handle at once. Returns whether some task can run now (a generation started, or a pass
+        or a generation was refused).
         """
-        batch, self.outbox = self.outbox, []
-        results = forward.execute_many([(ctx, args) for ctx, args, _ in batch])
         woken = False
+        starting, self.generations = self.generations, []
+        if starting:
+            started = forward.generate_many([(ctx, args) for ctx, args, _ in starting])
+            for (_, _, fut), result in zip(starting, started, strict=True):
+                if fut.cancelled():
+                    if isinstance(result, Ok):
+                        call(forward.generate_stop, result.value)
+                elif isinstance(result, Ok):
+                    fut.set_result(result.value)
+                else:
+                    fut.set_exception(PieError(str(result.value)))
+            woken = True
+        batch, self.outbox = self.outbox, []
+        if not batch:
+            return woken
+        results = forward.execute_many([(ctx, args) for ctx, args, _ in batch])
         for (_, _, fut), result in zip(batch, results, strict=True):
             if fut.cancelled():
                 if isinstance(result, Ok):
@@ -49,7 +67,7 @@ class _HostSelector:
 
     def select(self, timeout: float | None) -> list[Any]:
         # Passes are sent and then waited for in the same turn: a decode step costs one turn.
-        if self.outbox and self.flush():
+        if (self.outbox or self.generations) and self.flush():
             return []  # a refused pass wakes its task: run it before blocking
         for fid in [fid for fid, fut in self.waiting.items() if fut.cancelled()]:
             # Its task was cancelled: nobody will take the value, so free the host future.
@@ -96,12 +114,20 @@ class PieEventLoop(asyncio.BaseEventLoop):
         self._selector.outbox.append((context, args, fut))
         return fut
 
+    def queue_generate(self, context: int, args: Any) -> asyncio.Future[int]:
+        """A delegated generation started when this turn ends (with the others started in it);
+        the future gives its handle."""
+        fut: asyncio.Future[int] = self.create_future()
+        self._selector.generations.append((context, args, fut))
+        return fut
+
     def alone(self) -> bool:
         """Whether nothing but the running task could make progress now: no other callback is
         ready, no timer is set, no pass is queued and no host future is awaited. The task may
         then block in the host (one call per forward) without delaying anyone."""
         selector = self._selector
-        return not (self._ready or self._scheduled or selector.outbox or selector.waiting)  # type: ignore[attr-defined]
+        busy = selector.outbox or selector.generations or selector.waiting
+        return not (self._ready or self._scheduled or busy)  # type: ignore[attr-defined]
 
     def host_future(self, fid: int) -> asyncio.Future[int]:
         """An asyncio future that completes (with `fid`) when host future `fid` is ready."""

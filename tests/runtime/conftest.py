@@ -7,6 +7,7 @@ into a temporary cache directory and every runtime shares it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,23 +42,44 @@ def probe_wasm(pie_cache: Path) -> Path:
     return build_inferlet(PROBE)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_engine() -> FakeEngine:
     return FakeEngine(num_pages=64, page_size=4)
 
 
-def make_runtime(engine: object, cache: Path, **limits: object) -> Runtime:
-    return Runtime(engine, limits=InstanceLimits(**limits), cache=cache)  # type: ignore[arg-type]
+# Worker processes for the runtimes these tests make (0: instances on threads of the test
+# process). The suite runs with 2; PIE_TEST_WORKERS=0 runs it in-process.
+WORKERS = int(os.environ.get("PIE_TEST_WORKERS", "2"))
 
 
-@pytest.fixture
-def runtime(fake_engine: FakeEngine, pie_cache: Path, probe_wasm: Path) -> Iterator[Runtime]:
+def make_runtime(
+    engine: object, cache: Path, workers: int | None = None, **limits: object
+) -> Runtime:
+    count = WORKERS if workers is None else workers
+    return Runtime(engine, limits=InstanceLimits(**limits), cache=cache, workers=count)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def shared_runtime(fake_engine: FakeEngine, pie_cache: Path, probe_wasm: Path) -> Iterator[Runtime]:
+    """One runtime (and its worker processes) per test module: starting workers costs ~0.5 s."""
     rt = make_runtime(fake_engine, pie_cache, cpu_seconds=10.0, wall_seconds=60.0)
     rt.add_component(probe_wasm, name="probe")
     rt.add_source(PROBE, name="probe-native", native=True)
     yield rt
     rt.close()
     assert_pool_whole(rt)
+
+
+@pytest.fixture
+def runtime(shared_runtime: Runtime, fake_engine: FakeEngine) -> Iterator[Runtime]:
+    """The module's runtime, checked after each test: every instance ended, every page back."""
+    fake_engine.batches.clear()
+    yield shared_runtime
+    deadline = time.monotonic() + 10.0
+    while shared_runtime.instances() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not shared_runtime.instances(), "instances still running after the test"
+    assert_pool_whole(shared_runtime)
 
 
 def assert_pool_whole(rt: Runtime) -> None:

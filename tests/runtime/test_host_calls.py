@@ -64,7 +64,8 @@ def test_a_host_fault_ends_only_the_calling_instance(
     monkeypatch.setitem(
         wasm_bindings.FUNCTIONS["runtime"], "version", (broken, wasm_bindings.PLAIN)
     )
-    with make_runtime(FakeEngine(), pie_cache) as rt:
+    # The patch is in this process: the instances run here, not in worker processes.
+    with make_runtime(FakeEngine(), pie_cache, workers=0) as rt:
         rt.add_component(probe_wasm, name="probe")
         bystander = rt.launch("probe", ["generate", "60", "ok"])
         victims = [rt.launch("probe", ["version"]) for _ in range(3)]

@@ -1,9 +1,9 @@
-"""Host side of the `forward` interface: submit forward passes, take their outputs, reduce
-raw logit rows that stay on the host.
+"""Host side of the `forward` interface: submit forward passes, take their outputs, reduce raw
+logit rows kept on the host, and hand whole decode loops to the host (`generate`).
 
-Masks arrive run-length encoded (see docs/api.md) and are decoded here with numpy into the bool
-arrays the control layer takes. `execute` returns at once with a future; the batch scheduler
-runs the pass with other instances' passes.
+What can be judged here is checked here (handles, sizes, positions, the logit mask); the control
+plane decodes the run-length masks against the context's length and admits the pass, and what
+it refuses fails the pass's future (the guest sees the error when it takes the outputs).
 """
 
 from __future__ import annotations
@@ -13,24 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from pie.engine.request import LogitsResult, SampleResult, SamplerSpec
+from pie.engine.request import Greedy, LogitsResult, Sample, SampleResult
+from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec, logits_array
 from pie.runtime.errors import GUEST_ERRORS, HostError
 from pie.runtime.host import futures, kv
 from pie.runtime.host.state import InstanceHost
 
 LOGITS = "logits"
+GENERATION = "generation"
 MAX_LOGITS = 64  # raw logit rows one instance may hold at once (each is vocab floats)
-
-
-@dataclass(slots=True)
-class ForwardCall:
-    """One `forward-args`, in host types."""
-
-    tokens: list[int]
-    positions: list[int] | None
-    attention_mask: list[list[int]] | None  # per new token, run lengths hidden/visible/...
-    logit_mask: list[int] | None  # run lengths banned/allowed/... over the vocabulary
-    outputs: list[tuple[int, SamplerSpec]]
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING = 1024  # characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,61 +33,36 @@ class LogitsRef:
     handle: int
 
 
-def decode_runs(runs: list[int], total: int, what: str) -> np.ndarray:
-    """Run lengths alternating False/True (starting with False) → bool array [total]."""
-    counts = np.asarray(runs, dtype=np.int64)
-    if counts.ndim != 1 or (counts < 0).any() or int(counts.sum()) != total:
-        raise HostError(
-            f"{what}: run lengths must be non-negative and sum to {total}, got sum "
-            f"{int(counts.sum()) if counts.size else 0}"
-        )
-    values = (np.arange(len(counts)) % 2).astype(bool)
-    return np.repeat(values, counts)
-
-
-def request(host: InstanceHost, handle: int, call: ForwardCall) -> Any:
-    """The control layer's ForwardRequest for `call` on context `handle`, checked."""
-    from pie.control.forward import ForwardRequest
-
-    ctx = kv.get(host, handle)
-    engine = host.services.engine
+def check_call(host: InstanceHost, call: ForwardCall) -> None:
+    """Raises HostError for what is wrong with `call` whatever context it goes to."""
+    model = host.services.model
     n = len(call.tokens)
-    if not 1 <= n <= engine.max_position:
-        raise HostError(f"a forward takes 1 to {engine.max_position} tokens, got {n}")
+    if not 1 <= n <= model.max_position:
+        raise HostError(f"a forward takes 1 to {model.max_position} tokens, got {n}")
     if call.positions is not None:
         if len(call.positions) != n:
             raise HostError(f"{n} tokens but {len(call.positions)} positions")
-        if max(call.positions) >= engine.max_position:
+        if max(call.positions) >= model.max_position:
             raise HostError(
                 f"position {max(call.positions)} is past the model's context "
-                f"({engine.max_position} positions)"
+                f"({model.max_position} positions)"
             )
     if len(call.outputs) > n * 4:
         raise HostError(f"{len(call.outputs)} outputs for {n} tokens; at most {n * 4}")
-    total = int(ctx.length) + n
-    attention = None
-    if call.attention_mask is not None:
-        if len(call.attention_mask) != n:
-            raise HostError(f"attention mask has {len(call.attention_mask)} rows for {n} tokens")
-        attention = np.stack(
-            [
-                decode_runs(r, total, f"attention mask row {i}")
-                for i, r in enumerate(call.attention_mask)
-            ]
-        )  # [n, context + n]
-    logit_mask = None
+    for index, _ in call.outputs:
+        if not 0 <= index < n:
+            raise HostError(f"output index {index} is outside the {n} new tokens")
+    if call.attention_mask is not None and len(call.attention_mask) != n:
+        raise HostError(f"attention mask has {len(call.attention_mask)} rows for {n} tokens")
     if call.logit_mask is not None:
-        logit_mask = decode_runs(call.logit_mask, int(engine.vocab_size), "logit mask")  # [vocab]
-        if not logit_mask.any():  # no token could be sampled: refuse before it reaches a batch
+        runs = call.logit_mask
+        if sum(runs) != model.vocab_size:
+            raise HostError(
+                f"logit mask: run lengths must be non-negative and sum to {model.vocab_size}, "
+                f"got sum {sum(runs)}"
+            )
+        if not any(runs[1::2]):  # no token could be sampled: refuse before it reaches a batch
             raise HostError("the logit mask bans every token; allow at least one")
-    return ForwardRequest(
-        context=ctx,
-        tokens=list(call.tokens),
-        positions=None if call.positions is None else list(call.positions),
-        attention_mask=attention,
-        logit_mask=logit_mask,
-        outputs=list(call.outputs),
-    )
 
 
 def execute(host: InstanceHost, handle: int, call: ForwardCall) -> int:
@@ -110,29 +78,25 @@ def execute_many(host: InstanceHost, passes: list[tuple[int, ForwardCall]]) -> l
     They reach the scheduler in one call, so no step can start between two of them.
     """
     results: list[int | str] = []
-    requests: list[Any] = []
+    checked: list[tuple[int, ForwardCall]] = []
     # Each pass needs a free handle, checked before it is submitted: a forward submitted
     # without one could never be taken.
     room = host.handles.limit - len(host.handles)
     for handle, call in passes:
         try:
-            if len(requests) >= room:
+            if len(checked) >= room:
                 raise HostError(
                     f"open-handle limit reached ({host.handles.limit}): take or discard futures"
                 )
-            requests.append(request(host, handle, call))
-            results.append(len(requests) - 1)
+            check_call(host, call)
+            checked.append((kv.get(host, handle), call))
+            results.append(len(checked) - 1)
         except GUEST_ERRORS as e:
             results.append(str(e) or type(e).__name__)
-    submitted = host.services.scheduler.submit_many(requests)
+    submitted = host.control.submit(checked) if checked else []
     for i, result in enumerate(results):
         if isinstance(result, int):
-            future = submitted[result]
-            refused = future.exception() if future.done() else None
-            if refused is not None:  # rejected at admission: say so now, not at take time
-                results[i] = str(refused) or type(refused).__name__
-            else:
-                results[i] = futures.add(host, "forward", future, requests[result].context)
+            results[i] = futures.add(host, "forward", submitted[result], checked[result][0])
     return results
 
 
@@ -157,21 +121,22 @@ def outputs(host: InstanceHost, handle: int) -> list[SampleResult | LogitsRef]:
                     f"{MAX_LOGITS} raw logit rows are held already: release some with "
                     "forward.logits-release"
                 )
-            out.append(LogitsRef(host.handles.add(LOGITS, result.logits)))
+            out.append(LogitsRef(host.handles.add(LOGITS, logits_array(result.logits))))
         else:
             out.append(result)
     return out
 
 
-def _row(host: InstanceHost, handle: int) -> Any:
-    return host.handles.get(LOGITS, handle)
+def _row(host: InstanceHost, handle: int) -> np.ndarray:
+    return host.handles.get(LOGITS, handle)  # type: ignore[no-any-return]
 
 
 def logits_top_k(host: InstanceHost, handle: int, k: int) -> tuple[list[int], list[float]]:
     row = _row(host, handle)  # [vocab] float32
     k = max(1, min(int(k), int(row.shape[0])))
-    values, ids = row.topk(k)
-    return [int(i) for i in ids.tolist()], [float(v) for v in values.tolist()]
+    top = np.argpartition(-row, k - 1)[:k]
+    top = top[np.argsort(-row[top], kind="stable")]
+    return [int(i) for i in top], [float(row[i]) for i in top]
 
 
 def logits_values(host: InstanceHost, handle: int, tokens: list[int]) -> list[float]:
@@ -184,3 +149,77 @@ def logits_values(host: InstanceHost, handle: int, tokens: list[int]) -> list[fl
 
 def logits_release(host: InstanceHost, handle: int) -> None:
     host.handles.pop(LOGITS, handle)
+
+
+# ---- delegated decode loops ----------------------------------------------------------------------
+def check_spec(host: InstanceHost, spec: GenerateSpec) -> None:
+    model = host.services.model
+    if not spec.tokens:
+        raise HostError("nothing to run: a generation starts from at least one queued token")
+    if not isinstance(spec.sampler, Greedy | Sample):
+        raise HostError("a delegated generation samples with greedy or sample only")
+    bad = next((t for t in spec.tokens if not 0 <= t < model.vocab_size), None)
+    if bad is not None:
+        raise HostError(f"token id {bad} is outside the vocabulary [0, {model.vocab_size})")
+    if len(spec.stop_strings) > MAX_STOP_STRINGS or any(
+        len(s) > MAX_STOP_STRING for s in spec.stop_strings
+    ):
+        raise HostError(
+            f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING} characters"
+        )
+
+
+def generate(host: InstanceHost, handle: int, spec: GenerateSpec) -> int:
+    """Starts a decode loop the host runs on context `handle`; returns its handle."""
+    result = generate_many(host, [(handle, spec)])[0]
+    if isinstance(result, str):
+        raise HostError(result)
+    return result
+
+
+def generate_many(host: InstanceHost, runs: list[tuple[int, GenerateSpec]]) -> list[int | str]:
+    """Starts several loops at once (their first passes share a step); per loop its handle or
+    an error message."""
+    results: list[int | str] = []
+    starting: list[tuple[int, int, GenerateSpec]] = []
+    for handle, spec in runs:
+        try:
+            ctx = kv.get(host, handle)
+            check_spec(host, spec)
+            gen = host.handles.add(GENERATION, ctx)
+            starting.append((gen, ctx, spec))
+            results.append(gen)
+        except GUEST_ERRORS as e:
+            results.append(str(e) or type(e).__name__)
+    if starting:
+        host.control.generate_many(starting)
+    return results
+
+
+def generate_next(host: InstanceHost, gen: int) -> int:
+    """A future for the generation's next chunk (or its end)."""
+    host.handles.get(GENERATION, gen)
+    return futures.add(host, "generated", host.control.generate_next(gen), gen)
+
+
+def take_generated(host: InstanceHost, handle: int) -> GeneratedChunk:
+    entry: Any = host.handles.get(futures.KIND, handle)
+    gen = entry.owner_object
+    try:
+        chunk: GeneratedChunk = futures.take(host, handle, "generated")
+    except HostError:
+        _forget(host, gen)  # a failed generation is over
+        raise
+    if chunk.finish is not None:
+        _forget(host, gen)
+    return chunk
+
+
+def generate_stop(host: InstanceHost, gen: int) -> None:
+    host.handles.get(GENERATION, gen)
+    host.control.generate_stop(gen)
+
+
+def _forget(host: InstanceHost, gen: int) -> None:
+    if any(h == gen for h, _ in host.handles.of_kind(GENERATION)):
+        host.handles.pop(GENERATION, gen)

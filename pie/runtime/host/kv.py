@@ -1,12 +1,12 @@
-"""Host side of the `kv` interface: the instance's KV contexts over the shared page pool.
+"""Host side of the `kv` interface: the instance's KV contexts, kept by the control plane.
 
-Contexts are `pie.control` objects owned by the instance id; page accounting (quota, sharing,
-copy-on-write) is the control layer's. The handle table is what lets cleanup close them all.
+A context handle is allocated here, in the instance's handle table, and names the context in
+the control plane too (the plane keys the instance's contexts by it). Page accounting (quota,
+sharing, copy-on-write) is the control layer's; the handle table is what lets the host check
+every handle it is given.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from pie.runtime.errors import HostError
 from pie.runtime.host import model as model_host
@@ -16,8 +16,9 @@ CONTEXT = "context"
 MAX_NAME = 256
 
 
-def get(host: InstanceHost, handle: int) -> Any:
-    return host.handles.get(CONTEXT, handle)
+def get(host: InstanceHost, handle: int) -> int:
+    host.handles.get(CONTEXT, handle)
+    return handle
 
 
 def _name(name: str) -> str:
@@ -26,59 +27,65 @@ def _name(name: str) -> str:
     return name
 
 
-def _add(host: InstanceHost, ctx: Any) -> int:
+def _new(host: InstanceHost, make: object) -> int:
+    """A fresh context handle, made in the control plane by `make(handle)`."""
+    handle = host.handles.add(CONTEXT, None)
     try:
-        return host.handles.add(CONTEXT, ctx)
-    except HostError:
-        host.services.contexts.close(ctx)
+        make(handle)  # type: ignore[operator]
+    except BaseException:
+        host.handles.pop(CONTEXT, handle)
         raise
+    return handle
 
 
 def create(host: InstanceHost, model: int) -> int:
     model_host.info(host, model)  # checks the model handle
-    return _add(host, host.services.contexts.create(host.id))
+    return _new(host, host.control.kv_create)
 
 
 def fork(host: InstanceHost, handle: int) -> int:
-    return _add(host, host.services.contexts.fork(get(host, handle)))
+    src = get(host, handle)
+    return _new(host, lambda new: host.control.kv_fork(src, new))
 
 
 def length(host: InstanceHost, handle: int) -> int:
-    return int(get(host, handle).length)
+    return host.control.kv_length(get(host, handle))
 
 
 def page_count(host: InstanceHost, handle: int) -> int:
-    return len(get(host, handle).pages)
+    return host.control.kv_page_count(get(host, handle))
 
 
 def reserve(host: InstanceHost, handle: int, slots: int) -> None:
-    host.services.contexts.preallocate(get(host, handle), slots)
+    host.control.kv_reserve(get(host, handle), slots)
 
 
 def truncate(host: InstanceHost, handle: int, new_length: int) -> None:
-    host.services.contexts.truncate(get(host, handle), new_length)
+    host.control.kv_truncate(get(host, handle), new_length)
 
 
 def mask(host: InstanceHost, handle: int, start: int, end: int, hidden: bool) -> None:
-    host.services.contexts.mask(get(host, handle), start, end, hidden)
+    host.control.kv_mask(get(host, handle), start, end, hidden)
 
 
 def export_context(host: InstanceHost, handle: int, name: str) -> None:
-    host.services.contexts.export(get(host, handle), _name(name))
+    host.control.kv_export(get(host, handle), _name(name))
 
 
 def import_context(host: InstanceHost, model: int, name: str) -> int:
     model_host.info(host, model)
-    return _add(host, host.services.contexts.import_(host.id, _name(name)))
+    checked = _name(name)
+    return _new(host, lambda new: host.control.kv_import(new, checked))
 
 
 def unexport(host: InstanceHost, name: str) -> None:
-    host.services.exports.unexport(host.id, _name(name))
+    host.control.kv_unexport(_name(name))
 
 
 def exports(host: InstanceHost) -> list[str]:
-    return [str(n) for n in host.services.exports.list()]
+    return host.control.kv_exports()
 
 
 def close(host: InstanceHost, handle: int) -> None:
-    host.services.contexts.close(host.handles.pop(CONTEXT, handle))
+    host.handles.pop(CONTEXT, handle)
+    host.control.kv_close(handle)

@@ -1,4 +1,4 @@
-"""Host side of the `messaging` interface, over the runtime's `MessageBus`."""
+"""Host side of the `messaging` interface, over the control process's `MessageBus`."""
 
 from __future__ import annotations
 
@@ -25,30 +25,33 @@ def _message(host: InstanceHost, message: str) -> str:
 
 
 def push(host: InstanceHost, topic: str, message: str) -> None:
-    host.services.bus.push(_topic(topic), _message(host, message))
+    host.control.push(_topic(topic), _message(host, message))
 
 
 def pull(host: InstanceHost, topic: str) -> int:
-    return futures.add(host, "text", host.services.bus.pull(_topic(topic)))
+    return futures.add(host, "text", host.control.pull(_topic(topic)))
 
 
 def broadcast(host: InstanceHost, topic: str, message: str) -> None:
-    host.services.bus.broadcast(_topic(topic), _message(host, message))
+    host.control.broadcast(_topic(topic), _message(host, message))
 
 
 def subscribe(host: InstanceHost, topic: str) -> int:
-    subscription = host.services.bus.subscribe(_topic(topic))
+    checked = _topic(topic)
+    handle = host.handles.add(SUBSCRIPTION, None)
     try:
-        return host.handles.add(SUBSCRIPTION, subscription)
-    except HostError:
-        subscription.close()
+        host.control.subscribe(handle, checked)
+    except BaseException:
+        host.handles.pop(SUBSCRIPTION, handle)
         raise
+    return handle
 
 
 def next_message(host: InstanceHost, handle: int) -> int:
-    subscription = host.handles.get(SUBSCRIPTION, handle)
-    return futures.add(host, "text", subscription.next())
+    host.handles.get(SUBSCRIPTION, handle)
+    return futures.add(host, "text", host.control.next_message(handle))
 
 
 def unsubscribe(host: InstanceHost, handle: int) -> None:
-    host.handles.pop(SUBSCRIPTION, handle).close()
+    host.handles.pop(SUBSCRIPTION, handle)
+    host.control.unsubscribe(handle)

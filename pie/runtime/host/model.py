@@ -1,7 +1,8 @@
 """Host side of the `model` interface: open models, tokenize, detokenize, chat templates.
 
-The tokenizer is the engine's (`pie.engine.tokenizer.Tokenizer`); a decoder handle wraps its
-`StreamDecoder`, so the guest never re-decodes a growing token list.
+The tokenizer is the model's (`pie.engine.tokenizer.Tokenizer`), loaded where the instance runs
+(a worker process has its own copy); a decoder handle wraps its `StreamDecoder`, so the guest
+never re-decodes a growing token list.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def open_model(host: InstanceHost, name: str | None) -> int:
     names = host.services.model_names
     if name is not None and name not in names:
         raise HostError(f"unknown model {name!r}; this server serves {names}")
-    return host.handles.add(MODEL, host.services.engine)
+    return host.handles.add(MODEL, host.services.model)
 
 
 def info(host: InstanceHost, handle: int) -> ModelInfo:

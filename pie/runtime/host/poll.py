@@ -46,8 +46,8 @@ def take_blob(host: InstanceHost, handle: int) -> bytes:
 def discard(host: InstanceHost, handle: int) -> None:
     """Frees a future; a pending receive or pull is withdrawn, a forward still runs."""
     entry = host.handles.pop(futures.KIND, handle)
-    if entry.what in ("text", "blob"):
-        entry.future.cancel()  # the bus or session skips cancelled waiters
+    if entry.what in ("text", "blob", "generated"):
+        host.control.withdraw(entry.future)  # the bus, session or generation forgets the waiter
     elif entry.what == "forward":
         entry.future.add_done_callback(lambda f: _log_failure(host, f))
 

@@ -1,10 +1,14 @@
-"""Host side of the `runtime` interface: identity, arguments, models, child inferlets."""
+"""Host side of the `runtime` interface: identity, arguments, models, child inferlets.
+
+Children are launched by the control process (it knows every instance, checks the depth and
+child limits, and ends a parent's children with it); here is the handle of their result.
+"""
 
 from __future__ import annotations
 
 from pie.runtime.errors import HostError
 from pie.runtime.host import futures
-from pie.runtime.host.state import ChildHandle, InstanceHost
+from pie.runtime.host.state import InstanceHost
 
 
 def version(host: InstanceHost) -> str:
@@ -27,32 +31,16 @@ def program(host: InstanceHost) -> str:
     return host.program
 
 
-def live_children(host: InstanceHost) -> list[ChildHandle]:
-    host.children = [c for c in host.children if not c.done.done()]
-    return host.children
-
-
 def launch(host: InstanceHost, program_ref: str, args: list[str]) -> int:
     """Starts a child; returns a future resolved with its result (or its error)."""
-    limits = host.limits
-    if host.depth + 1 > limits.max_depth:
-        raise HostError(
-            f"launch depth limit reached ({limits.max_depth}): a child may not launch "
-            "children this deep"
-        )
-    if len(live_children(host)) >= limits.max_children:
-        raise HostError(
-            f"child limit reached ({limits.max_children} running): await or cancel children first"
-        )
-    if sum(len(a) for a in args) > limits.max_message_bytes:
-        raise HostError(f"launch arguments exceed {limits.max_message_bytes} bytes")
-    child = host.services.launch(host, program_ref, list(args))
-    host.children.append(child)
-    return futures.add(host, "child", child.done, child)
+    if sum(len(a) for a in args) > host.limits.max_message_bytes:
+        raise HostError(f"launch arguments exceed {host.limits.max_message_bytes} bytes")
+    child, done = host.control.launch_child(program_ref, list(args))
+    return futures.add(host, "child", done, child)
 
 
 def cancel(host: InstanceHost, handle: int) -> None:
     entry = host.handles.get(futures.KIND, handle)
     if entry.what != "child":
         raise HostError(f"future {handle} is a {entry.what} future, not a child")
-    entry.owner_object.cancel(f"cancelled by its parent (instance {host.id})")
+    host.control.cancel_child(entry.owner_object, f"cancelled by its parent (instance {host.id})")

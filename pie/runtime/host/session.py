@@ -1,4 +1,5 @@
-"""Host side of the `session` interface: text and blobs to and from the launching client."""
+"""Host side of the `session` interface: text and blobs to and from the launching client,
+which lives in the control process (the instance's port carries them)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,17 @@ def _check_size(host: InstanceHost, size: int, what: str) -> None:
 
 def send(host: InstanceHost, text: str) -> None:
     _check_size(host, len(text), "message")
-    host.session.send_text(host.id, text)
+    host.control.send_text(text)
 
 
 def send_blob(host: InstanceHost, data: bytes) -> None:
     _check_size(host, len(data), "blob")
-    host.session.send_blob(host.id, bytes(data))
+    host.control.send_blob(bytes(data))
 
 
 def receive(host: InstanceHost) -> int:
-    return futures.add(host, "text", host.session.receive_text(host.id))
+    return futures.add(host, "text", host.control.receive_text())
 
 
 def receive_blob(host: InstanceHost) -> int:
-    return futures.add(host, "blob", host.session.receive_blob(host.id))
+    return futures.add(host, "blob", host.control.receive_blob())

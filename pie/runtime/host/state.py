@@ -1,8 +1,8 @@
-"""`InstanceHost`: what the host knows about one running inferlet, and the services it may use.
+"""`InstanceHost`: what the host knows about one running inferlet, where the inferlet runs.
 
-Handle table, limits and their clocks, the cancel signal, the client session, and references
-to the server's shared services (engine facade, page pool, contexts, scheduler, message bus,
-child launcher). The host modules receive it as their first argument.
+Handle table, limits and their clocks, the cancel signal, the model and tokenizer, and the
+instance's `ControlPort` to the control process (page pool, contexts, scheduler, message bus,
+client session, children). The host modules receive it as their first argument.
 """
 
 from __future__ import annotations
@@ -14,28 +14,23 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pie.runtime.errors import InstanceTrap
+from pie.runtime.host.control_port import ControlPort
 from pie.runtime.host.handles import HandleTable
 from pie.runtime.limits import InstanceLimits
 
-
-class ChildHandle(Protocol):
-    """What a parent holds of a child inferlet."""
-
-    id: int
-    done: cf.Future[str]
-
-    def cancel(self, reason: str) -> None: ...
-
-
-class Launcher(Protocol):
-    def __call__(self, parent: InstanceHost, program: str, args: list[str]) -> ChildHandle: ...
+if TYPE_CHECKING:
+    from pie.runtime.workers.outbox import Outbox
 
 
 class Session(Protocol):
-    """The client side of one instance (a terminal, a WebSocket connection, a test)."""
+    """The client side of one instance (a terminal, a WebSocket connection, a test).
+
+    Lives in the control process; the runtime calls it from its own threads, so every method
+    must be thread-safe and must not block.
+    """
 
     def send_text(self, instance_id: int, text: str) -> None: ...
     def send_blob(self, instance_id: int, data: bytes) -> None: ...
@@ -46,22 +41,38 @@ class Session(Protocol):
         ...
 
 
-@dataclass
-class HostServices:
-    """Server-wide objects shared by every instance (one set per runtime, no globals)."""
+@dataclass(frozen=True)
+class HostModel:
+    """The model as the host side of an instance needs it: sizes and the tokenizer (which
+    runs where the instance runs, so tokenizing scales with the workers)."""
 
-    engine: Any  # pie.engine.Engine or a stand-in with the same attributes and `tokenizer`
-    pool: Any  # pie.control.page_pool.PagePool
-    exports: Any  # pie.control.exports.ExportRegistry
-    contexts: Any  # pie.control.context.ContextManager
-    scheduler: Any  # pie.control.scheduler.BatchScheduler
-    bus: Any  # pie.runtime.messaging.MessageBus
-    launch: Launcher
+    model_name: str
+    vocab_size: int
+    page_size: int
+    max_position: int
+    tokenizer: Any
+
+    @classmethod
+    def of(cls, engine: Any) -> HostModel:
+        return cls(
+            str(engine.model_name),
+            int(engine.vocab_size),
+            int(engine.page_size),
+            int(engine.max_position),
+            engine.tokenizer,
+        )
+
+
+@dataclass(frozen=True)
+class HostServices:
+    """What every instance of one process shares (one set per runtime or worker, no globals)."""
+
+    model: HostModel
     version: str = "0.1.0"
 
     @property
     def model_names(self) -> list[str]:
-        return [str(self.engine.model_name)]
+        return [self.model.model_name]
 
 
 @dataclass
@@ -72,9 +83,10 @@ class InstanceHost:
     program: str
     args: list[str]
     services: HostServices
-    session: Session
+    control: ControlPort  # the control process, bound to this instance
     limits: InstanceLimits
-    depth: int = 0
+    # In a worker process: the outbox its operations leave by (waits tell it when to send).
+    gate: Outbox | None = None
     handles: HandleTable = field(init=False)
     log: logging.Logger = field(init=False)
     # Set (with the reason) to stop the instance: waits wake up and the next host call traps.
@@ -83,8 +95,8 @@ class InstanceHost:
     waited: float = 0.0  # seconds spent blocked in host waits (not CPU time)
     # Why a host call trapped the instance (a limit, a cancel, a host fault), for its error.
     trap_reason: str | None = None
-    # Every child launched (discarding a child's future does not stop it; ending the parent does).
-    children: list[ChildHandle] = field(default_factory=list)
+    # While blocked in `wait`: the futures it waits on (an answer to one of them wakes it).
+    waiting_for: set[cf.Future[Any]] | None = None
 
     def __post_init__(self) -> None:
         self.handles = HandleTable(self.limits.open_handles)
@@ -120,17 +132,34 @@ class InstanceHost:
         """Blocks until one of `futures` is done, `timeout` passes, or the instance is stopped.
 
         The time spent here is not CPU time. Raises InstanceTrap when stopped or past the
-        wall-time limit.
+        wall-time limit. In a worker, blocking is when the instance's queued operations leave.
         """
         bound = self.wall_remaining()
         if timeout is not None:
             bound = min(bound, timeout)
+        waits = [*futures, self.stopped]
         began = time.monotonic()
-        done, _ = cf.wait(
-            [*futures, self.stopped],
-            timeout=None if math.isinf(bound) else max(bound, 0.0),
-            return_when=cf.FIRST_COMPLETED,
-        )
+        gate = self.gate
+        unsent = False
+        if gate is not None:
+            self.waiting_for = set(futures)
+            unsent = gate.blocking(self.id)
+        try:
+            while True:
+                left = bound - (time.monotonic() - began)
+                step = min(left, gate.gap_s) if gate is not None and unsent else left
+                done, _ = cf.wait(
+                    waits,
+                    timeout=None if math.isinf(step) else max(step, 0.0),
+                    return_when=cf.FIRST_COMPLETED,
+                )
+                if done or time.monotonic() - began >= bound:
+                    break
+                if gate is not None and unsent:  # the others took too long: send ours now
+                    gate.flush()
+                    unsent = False
+        finally:
+            self.waiting_for = None
         self.waited += time.monotonic() - began
         self.check_alive()
         return done

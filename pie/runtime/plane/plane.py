@@ -1,0 +1,390 @@
+"""`ControlPlane`: everything an instance may ask of the control process, by instance id.
+
+The host side of each WIT call that touches shared state (KV contexts, forward passes,
+delegated generations, the message bus, the client session, children) ends here, whether the
+instance runs on a thread of this process (`host/control_port.LocalControl`) or in a worker
+process (`workers/hub.py` calls these same methods for the frames it receives). Contexts,
+generations and subscriptions are keyed by the handle the instance's host gave them, so an
+instance can only ever name its own; `release` returns all of it when the instance ends.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from pie.control.context import ContextManager, KvContext
+from pie.control.exports import ExportRegistry
+from pie.control.forward import ForwardRequest
+from pie.control.page_pool import PagePool
+from pie.control.scheduler import BatchScheduler
+from pie.engine.request import Greedy, Sample, SampleResult, SamplerSpec
+from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
+from pie.runtime.errors import GUEST_ERRORS, HostError
+from pie.runtime.messaging import MessageBus, Subscription
+from pie.runtime.plane.generation import Generation
+from pie.runtime.plane.requests import forward_request
+
+log = logging.getLogger(__name__)
+
+# Operations that wait for a context's forwards to finish (at most a step or so): a caller that
+# serves many instances (the worker hub) runs them off its own thread.
+WAITING_OPS = frozenset({"kv_fork", "kv_truncate", "kv_export", "kv_close"})
+
+
+class Instances(Protocol):
+    """What the plane needs from the runtime's registry of instances."""
+
+    def launch_child(self, parent: int, program: str, args: list[str]) -> tuple[int, Any]: ...
+    def cancel_child(self, parent: int, child: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class OwnerState:
+    """One live instance's objects in the control process, by the handles its host chose."""
+
+    session: Any
+    contexts: dict[int, KvContext] = field(default_factory=dict)
+    generations: dict[int, Generation] = field(default_factory=dict)
+    busy: dict[KvContext, Generation] = field(default_factory=dict)  # generating contexts
+    subscriptions: dict[int, Subscription] = field(default_factory=dict)
+    waiting: set[cf.Future[Any]] = field(default_factory=set)  # receives and pulls
+
+
+class ControlPlane:
+    """Thread-safe. One per runtime."""
+
+    def __init__(
+        self,
+        engine: Any,
+        pool: PagePool,
+        exports: ExportRegistry,
+        contexts: ContextManager,
+        scheduler: BatchScheduler,
+        bus: MessageBus,
+        instances: Instances,
+    ) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.exports = exports
+        self.contexts = contexts
+        self.scheduler = scheduler
+        self.bus = bus
+        self.instances = instances
+        self._lock = threading.Lock()
+        self._owners: dict[int, OwnerState] = {}
+
+    # ---- instance life ----------------------------------------------------------------------
+    def register(self, owner: int, session: Any, kv_pages: int | None) -> None:
+        if kv_pages:
+            self.pool.set_quota(owner, kv_pages)
+        with self._lock:
+            self._owners[owner] = OwnerState(session)
+
+    def release(self, owner: int) -> None:
+        """Everything `owner` holds goes back: its generations stop, its queued forwards are
+        failed (waiting for any inside the running step), its pages are freed."""
+        with self._lock:
+            state = self._owners.pop(owner, None)
+        if state is not None:
+            for gen in state.generations.values():
+                gen.stop()
+            for sub in state.subscriptions.values():
+                sub.close()
+            for future in state.waiting:
+                future.cancel()
+        try:
+            self.scheduler.cancel_owner(owner)
+            self.contexts.close_owner(owner)
+        except Exception:
+            log.exception("instance %d: releasing its forwards and contexts failed", owner)
+        self.pool.release_owner(owner)
+        self.pool.set_quota(owner, None)
+
+    def _state(self, owner: int) -> OwnerState:
+        state = self._owners.get(owner)
+        if state is None:
+            raise HostError(f"instance {owner} has ended")
+        return state
+
+    def _ctx(self, owner: int, handle: int, *, idle: bool = True) -> KvContext:
+        with self._lock:
+            state = self._state(owner)
+            ctx = state.contexts.get(handle)
+            if ctx is None:
+                raise HostError(f"context handle {handle} is not open in this inferlet")
+            if idle and ctx in state.busy:
+                raise HostError(
+                    f"a generation is running on context {handle}; wait for it to end (or "
+                    "stop it) first"
+                )
+            return ctx
+
+    def _add_ctx(self, owner: int, handle: int, ctx: KvContext) -> None:
+        with self._lock:
+            state = self._owners.get(owner)
+            if state is not None and handle not in state.contexts:
+                state.contexts[handle] = ctx
+                return
+        self.contexts.close(ctx)
+        raise HostError(f"context handle {handle} is taken, or instance {owner} has ended")
+
+    # ---- kv -----------------------------------------------------------------------------------
+    def kv_create(self, owner: int, handle: int) -> None:
+        self._add_ctx(owner, handle, self.contexts.create(owner))
+
+    def kv_fork(self, owner: int, handle: int, new: int) -> None:
+        self._add_ctx(owner, new, self.contexts.fork(self._ctx(owner, handle)))
+
+    def kv_length(self, owner: int, handle: int) -> int:
+        return int(self._ctx(owner, handle, idle=False).length)
+
+    def kv_page_count(self, owner: int, handle: int) -> int:
+        return len(self._ctx(owner, handle, idle=False).pages)
+
+    def kv_reserve(self, owner: int, handle: int, slots: int) -> None:
+        self.contexts.preallocate(self._ctx(owner, handle), slots)
+
+    def kv_truncate(self, owner: int, handle: int, length: int) -> None:
+        self.contexts.truncate(self._ctx(owner, handle), length)
+
+    def kv_mask(self, owner: int, handle: int, start: int, end: int, hidden: bool) -> None:
+        self.contexts.mask(self._ctx(owner, handle), start, end, hidden)
+
+    def kv_export(self, owner: int, handle: int, name: str) -> None:
+        self.contexts.export(self._ctx(owner, handle), name)
+
+    def kv_import(self, owner: int, new: int, name: str) -> None:
+        self._add_ctx(owner, new, self.contexts.import_(owner, name))
+
+    def kv_unexport(self, owner: int, name: str) -> None:
+        self.exports.unexport(owner, name)
+
+    def kv_exports(self, owner: int) -> list[str]:
+        return [str(n) for n in self.exports.list()]
+
+    def kv_close(self, owner: int, handle: int) -> None:
+        ctx = self._ctx(owner, handle)
+        with self._lock:
+            state = self._owners.get(owner)
+            if state is not None:
+                state.contexts.pop(handle, None)
+        self.contexts.close(ctx)
+
+    # ---- forward passes -----------------------------------------------------------------------
+    def submit(
+        self, owner: int, passes: list[tuple[int, ForwardCall]]
+    ) -> list[cf.Future[list[SampleResult]]]:
+        """Per pass a future: its outputs, or why it was refused. Passes are queued together,
+        in order, so none of them can miss the step the others go into."""
+        futures: list[cf.Future[list[SampleResult]] | None] = []
+        requests: list[ForwardRequest] = []
+        ahead: dict[KvContext, int] = {}  # tokens of earlier passes in this call, per context
+        for handle, call in passes:
+            try:
+                ctx = self._ctx(owner, handle)
+                start = ctx.length + ahead.get(ctx, 0)
+                requests.append(forward_request(ctx, start, call, int(self.engine.vocab_size)))
+                ahead[ctx] = ahead.get(ctx, 0) + len(call.tokens)
+                futures.append(None)
+            except GUEST_ERRORS as e:
+                refused: cf.Future[list[SampleResult]] = cf.Future()
+                refused.set_exception(e)
+                futures.append(refused)
+        submitted = iter(self.scheduler.submit_many(requests))
+        return [next(submitted) if f is None else f for f in futures]
+
+    def _submit_tokens(
+        self, ctx: KvContext, tokens: list[int], sampler: SamplerSpec
+    ) -> cf.Future[list[SampleResult]]:
+        request = ForwardRequest(context=ctx, tokens=tokens, outputs=[(len(tokens) - 1, sampler)])
+        return self.scheduler.submit(request)
+
+    def generate_many(self, owner: int, runs: list[tuple[int, int, GenerateSpec]]) -> None:
+        """Starts delegated loops, each `(generation handle, context handle, spec)`; their first
+        passes are queued together (one step for all of them), their chunks come from
+        `generate_next`. A loop that cannot start fails its first chunk."""
+        with self._lock:
+            state = self._owners.get(owner)
+        if state is None:
+            raise HostError(f"instance {owner} has ended")
+        starting: list[tuple[Generation, ForwardRequest]] = []
+        for gen_id, handle, spec in runs:
+            made = self._new_generation(owner, state, gen_id, handle, spec)
+            if made is None:
+                continue
+            gen, ctx = made
+            if spec.max_tokens <= 0:
+                gen.start()  # nothing to run: it ends at once
+            else:
+                sampled: list[tuple[int, SamplerSpec]] = [(len(spec.tokens) - 1, spec.sampler)]
+                starting.append((gen, ForwardRequest(ctx, list(spec.tokens), outputs=sampled)))
+        futures = self.scheduler.submit_many([request for _, request in starting])
+        for (gen, _), future in zip(starting, futures, strict=True):
+            gen.begin(future)
+
+    def _new_generation(
+        self, owner: int, state: OwnerState, gen_id: int, handle: int, spec: GenerateSpec
+    ) -> tuple[Generation, KvContext] | None:
+        session = state.session
+        ctx: KvContext | None = None
+
+        def ended(gen: Generation) -> None:
+            with self._lock:
+                if ctx is not None and state.busy.get(ctx) is gen:
+                    del state.busy[ctx]
+
+        try:
+            if not isinstance(spec.sampler, Greedy | Sample):
+                raise HostError("a delegated generation samples with greedy or sample only")
+            ctx = self._ctx(owner, handle)
+            gen = Generation(
+                spec,
+                partial(self._submit_tokens, ctx),
+                self.engine.tokenizer,
+                partial(session.send_text, owner),
+                ended,
+            )
+            with self._lock:
+                state.busy[ctx] = gen
+            self._add_generation(state, gen_id, gen)
+        except GUEST_ERRORS as e:
+            ctx = None
+            failed = Generation(spec, _never, None, None, ended)
+            failed.fail(e)
+            with contextlib.suppress(HostError):
+                self._add_generation(state, gen_id, failed)
+            return None
+        return gen, ctx
+
+    def _add_generation(self, state: OwnerState, gen_id: int, gen: Generation) -> None:
+        with self._lock:
+            if gen_id in state.generations:
+                raise HostError(f"generation handle {gen_id} is taken")
+            state.generations[gen_id] = gen
+
+    def generate_next(self, owner: int, gen_id: int) -> cf.Future[GeneratedChunk]:
+        with self._lock:
+            gen = self._state(owner).generations.get(gen_id)
+        if gen is None:
+            raise HostError(f"generation handle {gen_id} is not open in this inferlet")
+        future = gen.next_chunk()
+        if not gen.running and future.done():  # the last chunk: the generation is gone
+            with self._lock:
+                state = self._owners.get(owner)
+                if state is not None:
+                    state.generations.pop(gen_id, None)
+        return future
+
+    def generate_stop(self, owner: int, gen_id: int) -> None:
+        with self._lock:
+            gen = self._state(owner).generations.get(gen_id)
+        if gen is not None:
+            gen.stop()
+
+    # ---- the client session -------------------------------------------------------------------
+    def send_text(self, owner: int, text: str) -> None:
+        self._session(owner).send_text(owner, text)
+
+    def send_blob(self, owner: int, data: bytes) -> None:
+        self._session(owner).send_blob(owner, data)
+
+    def output(self, owner: int, stream: str, line: str) -> None:
+        self._session(owner).output(owner, stream, line)
+
+    def receive_text(self, owner: int) -> cf.Future[str]:
+        return self._waiting(owner, self._session(owner).receive_text(owner))
+
+    def receive_blob(self, owner: int) -> cf.Future[bytes]:
+        return self._waiting(owner, self._session(owner).receive_blob(owner))
+
+    def _session(self, owner: int) -> Any:
+        with self._lock:
+            return self._state(owner).session
+
+    def _waiting(self, owner: int, future: cf.Future[Any]) -> cf.Future[Any]:
+        """Tracks a receive or pull so that `release` can withdraw it."""
+        with self._lock:
+            state = self._owners.get(owner)
+            if state is None:
+                future.cancel()
+                return future
+            state.waiting.add(future)
+        future.add_done_callback(lambda f: self._settled(owner, f))
+        return future
+
+    def _settled(self, owner: int, future: cf.Future[Any]) -> None:
+        with self._lock:
+            state = self._owners.get(owner)
+            if state is not None:
+                state.waiting.discard(future)
+
+    # ---- messaging ----------------------------------------------------------------------------
+    def push(self, owner: int, topic: str, message: str) -> None:
+        self.bus.push(topic, message)
+
+    def broadcast(self, owner: int, topic: str, message: str) -> None:
+        self.bus.broadcast(topic, message)
+
+    def pull(self, owner: int, topic: str) -> cf.Future[str]:
+        return self._waiting(owner, self.bus.pull(topic))
+
+    def subscribe(self, owner: int, sub_id: int, topic: str) -> None:
+        sub = self.bus.subscribe(topic)
+        with self._lock:
+            state = self._owners.get(owner)
+            if state is not None and sub_id not in state.subscriptions:
+                state.subscriptions[sub_id] = sub
+                return
+        sub.close()
+        raise HostError(f"subscription handle {sub_id} is taken, or instance {owner} has ended")
+
+    def next_message(self, owner: int, sub_id: int) -> cf.Future[str]:
+        with self._lock:
+            sub = self._state(owner).subscriptions.get(sub_id)
+        if sub is None:
+            raise HostError(f"subscription handle {sub_id} is not open in this inferlet")
+        return self._waiting(owner, sub.next())
+
+    def unsubscribe(self, owner: int, sub_id: int) -> None:
+        with self._lock:
+            sub = self._state(owner).subscriptions.pop(sub_id, None)
+        if sub is not None:
+            sub.close()
+
+    # ---- children -----------------------------------------------------------------------------
+    def launch_child(self, owner: int, program: str, args: list[str]) -> tuple[int, Any]:
+        return self.instances.launch_child(owner, program, args)
+
+    def cancel_child(self, owner: int, child: int, reason: str) -> None:
+        self.instances.cancel_child(owner, child, reason)
+
+
+def _never(tokens: list[int], sampler: Any) -> cf.Future[list[SampleResult]]:
+    raise HostError("this generation failed before it started")
+
+
+def call(plane: ControlPlane, op: str, owner: int, args: list[Any]) -> Any:
+    """Runs the plane operation named `op` (a frame's operation name); unknown names refused."""
+    method: Callable[..., Any] | None = getattr(plane, op, None) if op in OPERATIONS else None
+    if method is None:
+        raise HostError(f"unknown control operation {op!r}")
+    return method(owner, *args)
+
+
+OPERATIONS = frozenset(
+    {
+        "kv_create", "kv_fork", "kv_length", "kv_page_count", "kv_reserve", "kv_truncate",
+        "kv_mask", "kv_export", "kv_import", "kv_unexport", "kv_exports", "kv_close",
+        "generate_many", "generate_next", "generate_stop",
+        "send_text", "send_blob", "output", "receive_text", "receive_blob",
+        "push", "broadcast", "pull", "subscribe", "next_message", "unsubscribe",
+        "launch_child", "cancel_child",
+    }
+)  # fmt: skip
