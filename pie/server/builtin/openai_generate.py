@@ -139,11 +139,14 @@ class Choice:
             emit({"i": self.index, "text": text})
 
         before = len(self.ctx)
+        # The loop runs on the host; a stream wakes this program per token (chunk_tokens=1) so
+        # each delta reaches the client as soon as it is decoded.
         text = await self.ctx.generate(
             max_tokens,
             self.sampler(0),
             stop=self.job["stop"],
             stream=stream if self.stream else None,
+            chunk_tokens=1,
         )
         if not self.stream:
             emit({"i": self.index, "text": text})
