@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from pie.server import openai_api
 from pie.server.auth import AdmissionMiddleware
+from pie.server.live_stats import LiveStats
 from pie.server.metrics import SchedulerPoller
 from pie.server.state import ServerState
 from pie.server.ws import websocket_endpoint
@@ -28,9 +29,11 @@ EXPIRE_EVERY_S = 30.0
 
 
 def create_app(state: ServerState) -> Starlette:
+    live_stats = LiveStats(state)  # the web page's plots (sampled in _lifespan)
     routes: list[BaseRoute] = [
         Route("/health", _health),
         Route("/metrics", _metrics),
+        Route("/api/stats", live_stats.response),
         WebSocketRoute("/ws", websocket_endpoint),
         *openai_api.routes(state),
     ]
@@ -52,6 +55,7 @@ def create_app(state: ServerState) -> Starlette:
         )
     app = Starlette(routes=routes, middleware=middleware, lifespan=_lifespan)
     app.state.pie = state
+    app.state.live_stats = live_stats
     return app
 
 
@@ -60,6 +64,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     state: ServerState = app.state.pie
     poller = SchedulerPoller(state.metrics, state.runtime.scheduler)
     tasks = [asyncio.create_task(poller.run()), asyncio.create_task(_expire_detached(state))]
+    tasks.append(asyncio.create_task(app.state.live_stats.run()))
     try:
         yield
     finally:
