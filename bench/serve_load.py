@@ -1,0 +1,202 @@
+"""One load level of bench.serve: `aiperf profile` as a subprocess against a server's
+`/v1/chat/completions` (streaming, synthetic prompts of mixed length), its JSON export parsed
+into a `LevelResult`; plus pie's `/metrics` read before and after, to say where the time went.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+class LoadError(RuntimeError):
+    """aiperf is missing, failed, or left no export."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    concurrency: int
+    requests: int
+    isl_mean: int = 256
+    isl_sd: int = 128
+    osl: int = 128
+    seed: int = 20251206
+    request_timeout_s: float = 600.0
+    level_timeout_s: float = 1200.0  # the whole aiperf run, startup included
+
+
+@dataclass
+class EngineDelta:
+    """pie's /metrics over one level: engine steps and what they carried."""
+
+    steps: float
+    engine_tokens: float  # prompt + generated tokens through the engine
+    generated_tokens: float
+    sampled_step_ms: float  # mean of the step times the metrics poller sampled
+
+    @property
+    def generated_per_step(self) -> float:
+        return self.generated_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.engine_tokens / self.steps if self.steps else 0.0
+
+
+@dataclass
+class LevelResult:
+    server: str
+    concurrency: int
+    requests: int
+    completed: int = 0
+    errors: int = 0
+    ttft_p50_ms: float = float("nan")
+    ttft_p99_ms: float = float("nan")
+    itl_p50_ms: float = float("nan")
+    itl_p99_ms: float = float("nan")
+    out_tok_s: float = float("nan")
+    osl_mean: float = float("nan")
+    isl_mean: float = float("nan")
+    duration_s: float = float("nan")
+    wall_s: float = float("nan")  # aiperf's whole run, its own startup included
+    engine: EngineDelta | None = None
+    failure: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.engine is not None:
+            d["engine"]["generated_per_step"] = self.engine.generated_per_step
+            d["engine"]["tokens_per_step"] = self.engine.tokens_per_step
+        return d
+
+
+def aiperf_exe() -> str:
+    exe = shutil.which("aiperf")
+    if exe is None:
+        raise LoadError("aiperf not found: pip install -e '.[bench]'")
+    return exe
+
+
+def aiperf_argv(
+    url: str, model: str, tokenizer_dir: Path, spec: LoadSpec, extra: dict[str, Any], out: Path
+) -> list[str]:
+    return [
+        aiperf_exe(), "profile",
+        "--model", model, "--url", url, "--endpoint-type", "chat", "--streaming",
+        "--tokenizer", str(tokenizer_dir),
+        "--prompt-input-tokens-mean", str(spec.isl_mean),
+        "--prompt-input-tokens-stddev", str(spec.isl_sd),
+        "--prompt-output-tokens-mean", str(spec.osl),
+        "--use-legacy-max-tokens",  # max_tokens: the one field all three servers read
+        "--extra-inputs", json.dumps(extra),
+        "--concurrency", str(spec.concurrency),
+        "--request-count", str(spec.requests),
+        "--random-seed", str(spec.seed),
+        "--request-timeout-seconds", str(spec.request_timeout_s),
+        "--output-artifact-dir", str(out),
+        "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
+    ]  # fmt: skip
+
+
+def _stat(export: dict[str, Any], name: str, key: str) -> float:
+    value = export.get(name, {}).get(key)
+    return float(value) if value is not None else float("nan")
+
+
+def parse_export(path: Path, server: str, spec: LoadSpec) -> LevelResult:
+    export = json.loads(path.read_text())
+    completed = int(export.get("request_count", {}).get("avg") or 0)  # successful requests
+    finished = int(export.get("completed_request_count", {}).get("avg") or completed)
+    errors = max(finished - completed, len(export.get("error_summary") or []))
+    return LevelResult(
+        server=server,
+        concurrency=spec.concurrency,
+        requests=spec.requests,
+        completed=completed,
+        errors=errors,
+        ttft_p50_ms=_stat(export, "time_to_first_token", "p50"),
+        ttft_p99_ms=_stat(export, "time_to_first_token", "p99"),
+        itl_p50_ms=_stat(export, "inter_token_latency", "p50"),
+        itl_p99_ms=_stat(export, "inter_token_latency", "p99"),
+        out_tok_s=_stat(export, "output_token_throughput", "avg"),
+        osl_mean=_stat(export, "output_sequence_length", "avg"),
+        isl_mean=_stat(export, "input_sequence_length", "avg"),
+        duration_s=_stat(export, "benchmark_duration", "avg"),
+    )
+
+
+def run_level(
+    server: str,
+    url: str,
+    model: str,
+    tokenizer_dir: Path,
+    spec: LoadSpec,
+    extra: dict[str, Any],
+    out: Path,
+) -> LevelResult:
+    """Runs aiperf once; a failed or timed-out level comes back with `failure` set."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = aiperf_argv(url, model, tokenizer_dir, spec, extra, out)
+    (out / "command.txt").write_text(" ".join(argv) + "\n")
+    began = time.monotonic()
+    with (out / "aiperf.stdout").open("wb") as log:
+        try:
+            proc = subprocess.run(
+                argv, stdout=log, stderr=subprocess.STDOUT, timeout=spec.level_timeout_s
+            )
+            rc: int | str = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timed out after {spec.level_timeout_s:.0f} s"
+    wall = time.monotonic() - began
+    export = out / "profile_export_aiperf.json"
+    if not export.exists():
+        return LevelResult(
+            server, spec.concurrency, spec.requests, wall_s=wall,
+            failure=f"aiperf exited {rc} without an export; see {out / 'aiperf.stdout'}",
+        )  # fmt: skip
+    result = parse_export(export, server, spec)
+    result.wall_s = wall
+    if rc != 0:
+        result.failure = f"aiperf exited {rc}"
+    elif result.completed < spec.requests:
+        result.failure = f"{result.completed} of {spec.requests} requests completed"
+    return result
+
+
+# ---- pie's /metrics -------------------------------------------------------------------------------
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Unlabelled samples (and labelled ones summed by name) of a Prometheus text page."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if m is None or line.startswith("#"):
+            continue
+        name, value = m.group(1), float(m.group(3))
+        values[name] = values.get(name, 0.0) + value
+    return values
+
+
+def engine_delta(before: str | None, after: str | None) -> EngineDelta | None:
+    if before is None or after is None:
+        return None
+    a, b = metric_values(before), metric_values(after)
+
+    def d(name: str) -> float:
+        return b.get(name, 0.0) - a.get(name, 0.0)
+
+    samples = d("pie_step_seconds_count")
+    return EngineDelta(
+        steps=d("pie_engine_steps_total"),
+        engine_tokens=d("pie_engine_tokens_total"),
+        generated_tokens=d("pie_generated_tokens_total"),
+        sampled_step_ms=1000 * d("pie_step_seconds_sum") / samples if samples else float("nan"),
+    )
