@@ -176,7 +176,7 @@ class OtherClients:
 def test_reply_streams_token_by_token_beside_live_plots_while_the_model_is_busy(
     page: Any, server: ServerProcess, tmp_path: Path
 ) -> None:
-    with OtherClients(server, count=3, max_tokens=600) as others:
+    with OtherClients(server, count=3, max_tokens=1200) as others:
         page.wait_for_function("Number(document.getElementById('v-instances').textContent) >= 3")
         plot_before = page.eval_on_selector("#plot-pages", "c => c.toDataURL()")
         ask(page, "Write a short poem about the sea.", max_tokens="48")

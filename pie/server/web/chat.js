@@ -3,7 +3,7 @@
 // is shown as its tokens arrive. Stop aborts the fetch: the server sees the client leave and
 // cancels the instance, so its KV pages go back to the pool.
 
-import { ApiError, apiFetch, errorOf, sseData } from "./api.js";
+import { ApiError, apiFetch, errorOf, sseData } from "./http.js";
 
 const HISTORY_KEY = "pie.chat.history";
 const KEEP_ENTRIES = 200; // what survives a reload; older turns are dropped from storage

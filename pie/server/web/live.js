@@ -1,7 +1,7 @@
 // The live view: polls GET /api/stats about once a second (the server keeps a one-sample-a-second
 // history, so the plots are full as soon as the page opens) and redraws the four plots.
 
-import { apiFetch, errorOf } from "./api.js";
+import { apiFetch, errorOf } from "./http.js";
 import { drawPlot } from "./plot.js";
 
 const POLL_MS = 1000;
@@ -27,20 +27,23 @@ export class LiveView {
   async poll() {
     try {
       const response = await apiFetch("/api/stats", { signal: AbortSignal.timeout(TIMEOUT_MS) });
-      if (!response.ok) {
-        if (response.status === 401) this.onUnauthorized();
-        throw await errorOf(response);
-      }
+      if (!response.ok) throw await errorOf(response);
       this.stats = await response.json();
       this.show();
     } catch (error) {
-      this.setStatus("unreachable", `stats: ${error.message}`);
+      if (error.status === 401) {
+        this.setStatus("unauthorized", "needs a token", error.message);
+        this.onUnauthorized();
+      } else {
+        this.setStatus("unreachable", "unreachable", `stats: ${error.message}`);
+      }
     }
   }
 
-  setStatus(text, title) {
+  /** `status`: ok | draining | unauthorized | unreachable (the style keys off it). */
+  setStatus(status, text, title) {
     this.el.status.textContent = text;
-    this.el.status.dataset.status = text;
+    this.el.status.dataset.status = status;
     this.el.status.title = title || "";
   }
 
@@ -48,7 +51,8 @@ export class LiveView {
     const { now, history } = this.stats;
     const latest = history[history.length - 1] || {};
     this.el.model.textContent = now.model;
-    this.setStatus(now.draining ? "draining" : "ok", `pie ${now.version} on ${now.device}`);
+    const status = now.draining ? "draining" : "ok";
+    this.setStatus(status, status, `pie ${now.version} on ${now.device}`);
     this.el.uptime.textContent = `up ${formatDuration(now.uptime_s)}`;
     this.el.instances.textContent = now.instances;
     this.el.pages.textContent = `${now.pages.used} / ${now.pages.total}`;

@@ -1,7 +1,7 @@
 // Wires the page: the chat playground, the live view, and the token field a server started with
 // --token needs (shown only once the server has answered 401).
 
-import { setToken, token } from "./api.js";
+import { setToken, token } from "./http.js";
 import { ChatPlayground } from "./chat.js";
 import { LiveView } from "./live.js";
 
@@ -11,9 +11,10 @@ const tokenField = $("token-field");
 const tokenInput = $("token");
 tokenInput.value = token();
 tokenField.hidden = !token();
-tokenInput.addEventListener("change", () => setToken(tokenInput.value.trim()));
+tokenInput.addEventListener("input", () => setToken(tokenInput.value.trim()));
 tokenField.addEventListener("submit", (event) => event.preventDefault()); // Enter: keep the page
 function askForToken() {
+  if (!tokenField.hidden) return; // asked already: focus once, not on every refused poll
   tokenField.hidden = false;
   tokenInput.focus();
 }
