@@ -1,13 +1,17 @@
 """llama.cpp's `llama-server`, built from the source that PyPI's `llama-cpp-python` sdist bundles.
 
-bench.serve's third peer. The binary lives in a cache folder and is rebuilt from the registry
-whenever it is missing (a fresh machine): nothing here is cached that cannot be rebuilt.
+bench.serve's third peer. The binary (Release, CPU only, -march=native) lives in a cache folder
+per kind of CPU and is rebuilt from the registry whenever it is missing (a fresh machine):
+nothing here is cached that cannot be rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -28,8 +32,33 @@ def cache_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     return root / "pie" / "llama.cpp" / version
 
 
+def cpu_key() -> str:
+    """The CPU model and flags, hashed: a -march=native binary is kept per kind of CPU."""
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    text = f"{platform.machine()}|{fields.get('model name', '')}|{fields.get('flags', '')}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    return cache_dir(version) / f"build-{cpu_key()}"
+
+
 def binary_path(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    return cache_dir(version) / "build" / "bin" / "llama-server"
+    return build_dir(version) / "bin" / "llama-server"
+
+
+def native_flags() -> list[str]:
+    """-march=native, less AMX on x86: ggml's AMX kernels die of SIGILL (tilezero) in the VMs
+    these benchmarks run in, although the CPU lists AMX and the kernel grants the tile state.
+    Explicit -mno-* flags win over -march=native whatever their order."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    return [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
 
 
 def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
@@ -84,13 +113,13 @@ def ensure_llama_server(version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | Non
     log = dest / "build.log"
     print(f"[bench] building llama-server {version} into {dest} (log {log}, ~5 min on 2 cores)")
     src = _fetch_source(version, dest, log)
-    build = dest / "build"
+    build = build_dir(version)
     _run(
         [
             "cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
             "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF",
             "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DBUILD_SHARED_LIBS=OFF",
+            "-DBUILD_SHARED_LIBS=OFF", *native_flags(),
         ],
         log,
     )  # fmt: skip

@@ -28,6 +28,17 @@ from typing import Any
 TEMPERATURE = 1.0
 
 
+# HF's continuous batching sizes its KV cache from free memory unless told: on CPU that is
+# most of the machine's RAM (14 GB of 24 here), and with the default 8192 batch tokens its
+# attention masks grow with it. 128 blocks of 256 tokens (32k tokens, 1.5 GB in float32) hold
+# the c=64 level's mean load (64 x ~415 tokens); 1024 batch tokens, near pie's 512.
+HF_CB_BLOCKS = 128
+HF_CB_BATCH_TOKENS = 1024
+# llama-server splits -c evenly over its slots: 1280 tokens each fits the longest prompt aiperf
+# draws here (mean 256 + 4 sd, plus the chat template) with 128 to generate.
+LLAMA_SLOT_CTX = 1280
+
+
 class PeerError(RuntimeError):
     """A server did not start, did not get ready in time, or is not installed."""
 
@@ -96,7 +107,9 @@ def hf_peer(hf_dir: Path) -> Peer:
         name="hf",
         argv=[
             exe, "serve", "--continuous-batching", "--device", "cpu", "--host", "127.0.0.1",
-            "--port", str(port), "--log-level", "warning", str(hf_dir),
+            "--port", str(port), "--log-level", "warning",
+            "--cb-num-blocks", str(HF_CB_BLOCKS), "--cb-max-batch-tokens", str(HF_CB_BATCH_TOKENS),
+            str(hf_dir),
         ],
         port=port,
         ready_path="/health",
@@ -106,7 +119,7 @@ def hf_peer(hf_dir: Path) -> Peer:
     # fmt: on
 
 
-def llamacpp_peer(binary: Path, gguf: Path, slots: int, slot_ctx: int = 2048) -> Peer:
+def llamacpp_peer(binary: Path, gguf: Path, slots: int, slot_ctx: int = LLAMA_SLOT_CTX) -> Peer:
     port = free_port()
     threads = str(os.cpu_count() or 2)
     # fmt: off
@@ -116,6 +129,7 @@ def llamacpp_peer(binary: Path, gguf: Path, slots: int, slot_ctx: int = 2048) ->
             str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
             "-np", str(slots), "-c", str(slots * slot_ctx), "-t", threads, "-tb", threads,
             "--cont-batching", "--jinja", "--no-webui", "--log-disable",
+            "--cache-ram", "0",  # no host-RAM prompt cache: no two prompts here share a prefix
         ],
         port=port,
         ready_path="/health",
