@@ -11,6 +11,13 @@ level duration). Each server answers two short requests first (first-call setup 
 measured). The engine's bare prefill of the concurrency-1 prompts is timed in this process after
 the first server stops. Ratios are pie's output tok/s over the peer's. Artifacts (server logs,
 aiperf exports, results.json) go to --out.
+
+Columns: TTFT and ITL percentiles in ms over requests (aiperf's ITL is per request: decode time
+over its tokens after the first); OSL the mean output length aiperf counted; dur the level's
+duration; cpu s the CPU seconds the server's processes used and aiperf the CPU seconds aiperf's
+own processes used while the level ran (its startup included). For pie, from /metrics: engine
+steps, generated tokens per step, the sampled mean step time and the level's wall time per step
+(a wall time per step well above the step time means the engine waited on something else).
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ def level(
         spec,
         server.peer.extra_inputs,
         out / server.peer.name / f"c{c}",
+        server.pid,
     )
     if before is not None:
         result.engine = engine_delta(before, server.metrics_text())
@@ -117,7 +125,8 @@ def run_llamacpp(
 # ---- report -----------------------------------------------------------------------------------
 HEADER = (
     f"{'server':<9}{'conc':>5}{'ok':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
-    f"{'ITL p99':>9}{'out tok/s':>11}{'OSL':>7}  engine (pie: steps, gen tok/step, step ms)"
+    f"{'ITL p99':>9}{'out tok/s':>11}{'OSL':>7}{'dur s':>7}{'cpu s':>7}{'aiperf':>7}"
+    "  pie engine: steps, gen tok/step, step ms, wall ms/step"
 )
 
 
@@ -128,11 +137,13 @@ def row(r: LevelResult) -> str:
     line = (
         f"{r.server:<9}{r.concurrency:>5}{f'{r.completed}/{r.requests}':>8}"
         f"{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>10}{r.itl_p50_ms:>9.1f}{r.itl_p99_ms:>9.1f}"
-        f"{r.out_tok_s:>11.1f}{r.osl_mean:>7.1f}"
+        f"{r.out_tok_s:>11.1f}{r.osl_mean:>7.1f}{r.duration_s:>7.1f}{r.server_cpu_s:>7.1f}"
+        f"{r.aiperf_cpu_s:>7.1f}"
     )
     if r.engine is not None:
         e = r.engine
-        line += f"  {e.steps:.0f}, {e.generated_per_step:.1f}, {e.sampled_step_ms:.0f}"
+        wall = 1000 * r.duration_s / e.steps if e.steps else float("nan")
+        line += f"  {e.steps:.0f}, {e.generated_per_step:.1f}, {e.sampled_step_ms:.0f}, {wall:.0f}"
     if r.failure:
         line += f"  FAILED: {r.failure}"
     return line

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 class LoadError(RuntimeError):
     """aiperf is missing, failed, or left no export."""
@@ -65,6 +67,8 @@ class LevelResult:
     isl_mean: float = float("nan")
     duration_s: float = float("nan")
     wall_s: float = float("nan")  # aiperf's whole run, its own startup included
+    aiperf_cpu_s: float = float("nan")  # CPU seconds aiperf's processes used over `wall_s`
+    server_cpu_s: float = float("nan")  # CPU seconds the server's processes used over `wall_s`
     engine: EngineDelta | None = None
     failure: str | None = None
 
@@ -139,21 +143,29 @@ def run_level(
     spec: LoadSpec,
     extra: dict[str, Any],
     out: Path,
+    server_pid: int,
 ) -> LevelResult:
     """Runs aiperf once; a failed or timed-out level comes back with `failure` set."""
     out.mkdir(parents=True, exist_ok=True)
     argv = aiperf_argv(url, model, tokenizer_dir, spec, extra, out)
     (out / "command.txt").write_text(" ".join(argv) + "\n")
     began = time.monotonic()
+    server_cpu_before = tree_cpu_s(server_pid)
+    aiperf_cpu = CpuTally()
     with (out / "aiperf.stdout").open("wb") as log:
-        try:
-            proc = subprocess.run(
-                argv, stdout=log, stderr=subprocess.STDOUT, timeout=spec.level_timeout_s
-            )
-            rc: int | str = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = f"timed out after {spec.level_timeout_s:.0f} s"
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        rc: int | str | None = None
+        while rc is None:
+            aiperf_cpu.sample(proc.pid)
+            try:
+                rc = proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - began > spec.level_timeout_s:
+                    proc.kill()
+                    proc.wait()
+                    rc = f"timed out after {spec.level_timeout_s:.0f} s"
     wall = time.monotonic() - began
+    server_cpu = tree_cpu_s(server_pid) - server_cpu_before
     export = out / "profile_export_aiperf.json"
     if not export.exists():
         return LevelResult(
@@ -161,12 +173,49 @@ def run_level(
             failure=f"aiperf exited {rc} without an export; see {out / 'aiperf.stdout'}",
         )  # fmt: skip
     result = parse_export(export, server, spec)
-    result.wall_s = wall
+    result.wall_s, result.aiperf_cpu_s, result.server_cpu_s = wall, aiperf_cpu.total, server_cpu
     if rc != 0:
         result.failure = f"aiperf exited {rc}"
     elif result.completed < spec.requests:
         result.failure = f"{result.completed} of {spec.requests} requests completed"
     return result
+
+
+# ---- CPU time of process trees (psutil comes with aiperf) ----------------------------------------
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _cpu(p: psutil.Process) -> float:
+    try:
+        t = p.cpu_times()
+        return float(t.user + t.system)
+    except psutil.Error:
+        return 0.0
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its live descendants."""
+    return sum(_cpu(p) for p in _tree(pid))
+
+
+class CpuTally:
+    """CPU seconds of a process tree whose members come and go: each pid's last reading."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, float] = {}
+
+    def sample(self, pid: int) -> None:
+        for p in _tree(pid):
+            self.last[p.pid] = max(self.last.get(p.pid, 0.0), _cpu(p))
+
+    @property
+    def total(self) -> float:
+        return sum(self.last.values())
 
 
 # ---- pie's /metrics -------------------------------------------------------------------------------

@@ -177,6 +177,11 @@ class RunningServer:
         models = http_json(self.peer.url + "/v1/models", timeout=30)
         self.model_id = str(models["data"][0]["id"])
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the server is not running"
+        return self.proc.pid
+
     def _wait_ready(self) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + self.peer.ready_timeout_s
