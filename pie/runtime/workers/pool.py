@@ -130,10 +130,10 @@ class WorkerPool:
             self.plane_thread.submit(self.runtime.instance_ended, record, failure)
         connection.instances.clear()
         connection.channel.close()
+        if self._closing:
+            return
+        replacement = self._spawn(connection.index, self._setup_common())
         with self._lock:
-            if self._closing:
-                return
-            replacement = self._spawn(connection.index, self._setup_common())
             self.workers[connection.index] = replacement
 
     # ---- programs and instances -------------------------------------------------------------------

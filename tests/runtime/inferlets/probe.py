@@ -11,6 +11,7 @@ from pie.sdk import (
     Model,
     PieError,
     RawLogits,
+    Sample,
     Subscription,
     launch,
     pull,
@@ -26,10 +27,42 @@ async def generate(n: str, prompt: str) -> str:
     return json.dumps(await ctx.generate_tokens(int(n), stop_tokens=()))
 
 
-async def stream(n: str, prompt: str) -> str:
+async def generate_own_loop(n: str, prompt: str) -> str:
+    """`generate` with the guest's own per-token loop (one host call per token)."""
     ctx = Context()
     ctx.fill(prompt)
-    return await ctx.generate(max_tokens=int(n), stop_tokens=(), stream=send)
+    return json.dumps(await ctx.generate_tokens(int(n), stop_tokens=(), delegate=False))
+
+
+async def stream(n: str, prompt: str, delegate: str = "1") -> str:
+    ctx = Context()
+    ctx.fill(prompt)
+    return await ctx.generate(
+        max_tokens=int(n), stop_tokens=(), stream=send, delegate=delegate == "1"
+    )
+
+
+async def loops(n: str, prompt: str, stops: str) -> str:
+    """The same generations run by the host's loop and by the guest's own, greedy and seeded:
+    text, what a stream callback saw, the queued token and KV length after, and the tokens."""
+    out = {}
+    samplers = {"greedy": Greedy(), "seeded": Sample(temperature=0.8, top_p=0.95, seed=7)}
+    for name, sampler in samplers.items():
+        for delegate in (True, False):
+            ctx = Context()
+            ctx.fill(prompt)
+            seen: list[str] = []
+            text = await ctx.generate(
+                int(n), sampler, stop=json.loads(stops), stream=seen.append, delegate=delegate
+            )
+            after = [list(ctx.pending), ctx.kv_length]
+            ctx.close()
+            ctx = Context()
+            ctx.fill(prompt)
+            tokens = await ctx.generate_tokens(int(n), sampler, delegate=delegate)
+            ctx.close()
+            out[f"{name}-{'host' if delegate else 'guest'}"] = [text, "".join(seen), after, tokens]
+    return json.dumps(out)
 
 
 def loop() -> str:
@@ -358,7 +391,9 @@ async def main(args: list[str]) -> str:
     mode, rest = args[0], args[1:]
     table = {
         "generate": generate,
+        "generate-own-loop": generate_own_loop,
         "stream": stream,
+        "loops": loops,
         "loop": loop,
         "membomb": membomb,
         "trap": trap_mid_generation,
