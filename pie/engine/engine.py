@@ -224,8 +224,10 @@ class Engine:
         logits = self.forward_logits(batch)
         specs = [spec for seq in batch.sequences for _, spec in seq.outputs]
         masks = [seq.logit_mask for seq in batch.sequences for _ in seq.outputs]
+        at_positions = [seq.positions[i] for seq in batch.sequences for i, _ in seq.outputs]
+        any_mask = any(m is not None for m in masks)
         flat: list[SampleResult] = (
-            sampling.sample(logits, specs, masks if any(m is not None for m in masks) else None)
+            sampling.sample(logits, specs, masks if any_mask else None, at_positions)
             if specs
             else []
         )

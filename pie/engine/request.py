@@ -26,7 +26,9 @@ class Greedy:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """Random token from the filtered distribution; `seed` makes it reproducible.
+    """Random token from the filtered distribution; `seed` makes it reproducible: the draw
+    depends on the seed and the position of the token sampled from, not on the batch, so each
+    step of a seeded generation draws anew and a rerun draws the same.
 
     Filters apply in vLLM's order: temperature, then top-k, top-p and min-p on the probabilities.
     top_k=0, top_p=1.0 and min_p=0.0 disable the respective filter. temperature 0 is greedy.

@@ -64,11 +64,15 @@ def sample(
     logits: torch.Tensor,
     specs: Sequence[SamplerSpec],
     logit_masks: Sequence[np.ndarray | None] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[SampleResult]:
     """Apply specs[i] to logits[i] (masked by logit_masks[i]); results come back in row order.
 
-    logits: [N, vocab], any device and float dtype (computed in float32). Raises
-    InvalidBatchError before any computation if a spec or mask is malformed.
+    logits: [N, vocab], any device and float dtype (computed in float32). positions[i] is the
+    position of the token whose next-token distribution row i is: a seeded sampler's draw
+    depends on its seed and that position (so each step of a seeded generation draws anew,
+    the same way in any batch); None counts as position 0. Raises InvalidBatchError before any
+    computation if a spec or mask is malformed.
     """
     _validate(logits, specs, logit_masks)
     if len(specs) == 0:
@@ -80,7 +84,7 @@ def sample(
             return [TokenResult(int(i)) for i in _argmax(logits.float()).tolist()]
     with torch.no_grad():
         x = _apply_masks(logits.float(), logit_masks)  # [N, V]
-        groups = _plan(specs)
+        groups = _plan(specs, positions)
         # One upload for all groups' parameters; each group reads its own view.
         sizes = [g.table.size for g in groups]
         flat_params = torch.from_numpy(np.concatenate([g.table.ravel() for g in groups]))
@@ -120,22 +124,23 @@ _SIMPLE_KINDS: tuple[tuple[type, str], ...] = (
 )
 
 
-def _plan(specs: Sequence[SamplerSpec]) -> list[_Group]:
+def _plan(specs: Sequence[SamplerSpec], positions: Sequence[int] | None) -> list[_Group]:
     buckets: dict[str, list[int]] = {}
     for row, spec in enumerate(specs):
         buckets.setdefault(_kind(spec), []).append(row)
     groups = []
     for kind, rows in buckets.items():
         group_specs = [specs[r] for r in rows]
-        groups.append(_Group(kind, rows, group_specs, _table(kind, rows, group_specs)))
+        steps = [0] * len(rows) if positions is None else [int(positions[r]) for r in rows]
+        groups.append(_Group(kind, rows, group_specs, _table(kind, rows, group_specs, steps)))
     return groups
 
 
-def _table(kind: str, rows: list[int], specs: list[SamplerSpec]) -> np.ndarray:
+def _table(kind: str, rows: list[int], specs: list[SamplerSpec], steps: list[int]) -> np.ndarray:
     table: list[list[float]]
     if kind in ("sample", "sample_sorted"):
         draws = [s for s in specs if isinstance(s, Sample)]
-        u = _uniforms([s.seed for s in draws])
+        u = _uniforms([s.seed for s in draws], steps)
         table = [
             [r, s.temperature, s.top_k, s.top_p, s.min_p, ui]
             for r, s, ui in zip(rows, draws, u, strict=True)
@@ -152,8 +157,13 @@ def _table(kind: str, rows: list[int], specs: list[SamplerSpec]) -> np.ndarray:
     return np.asarray(table, dtype=np.float64)
 
 
-def _uniforms(seeds: list[int | None]) -> list[float]:
-    """One uniform in [0, 1) per row; a seeded row's depends on its seed alone, not the batch."""
+# Spreads positions over the seed space (the 64-bit golden-ratio constant, as splitmix64 does).
+_STEP = 0x9E3779B97F4A7C15
+
+
+def _uniforms(seeds: list[int | None], steps: list[int]) -> list[float]:
+    """One uniform in [0, 1) per row; a seeded row's depends on its seed and step (position)
+    alone, not on the batch; at step 0 on the seed alone."""
     out = [0.0] * len(seeds)
     unseeded = [i for i, s in enumerate(seeds) if s is None]
     if unseeded:
@@ -161,9 +171,10 @@ def _uniforms(seeds: list[int | None]) -> list[float]:
             draws = torch.rand(len(unseeded), generator=_unseeded, dtype=torch.float64).tolist()
         for i, u in zip(unseeded, draws, strict=True):
             out[i] = u
-    for i, seed in enumerate(seeds):
+    for i, (seed, step) in enumerate(zip(seeds, steps, strict=True)):
         if seed is not None:
-            gen = torch.Generator().manual_seed(seed)
+            mixed = seed if step == 0 else (seed + step * _STEP) % (1 << 64)
+            gen = torch.Generator().manual_seed(mixed)
             out[i] = torch.rand(1, generator=gen, dtype=torch.float64).item()
     return out
 

@@ -30,6 +30,9 @@ class Context:
         self.model = model or Model.default()
         self.handle: int = int(call(kv.create, self.model.handle)) if _handle is None else _handle
         self.pending: list[int] = []
+        # Why the last `generate`/`generate_tokens` ended: "stop-token", "stop-string" or
+        # "max-tokens" (None before any).
+        self.finish_reason: str | None = None
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -157,12 +160,14 @@ class Context:
             )
             return tokens
         out: list[int] = []
+        self.finish_reason = "max-tokens"
         while len(out) < max_tokens:
             token = await self.next_token(sampler)
             out.append(token)
             if on_token is not None:
                 on_token(token)
             if token in stops:
+                self.finish_reason = "stop-token"
                 break
         return out
 
@@ -200,15 +205,18 @@ class Context:
         hold = max((len(s) for s in stop_strings), default=1) - 1
         decoder = self.tokenizer.decoder()
         text, emitted, cut = "", 0, False
+        self.finish_reason = "max-tokens"
         try:
             for _ in range(max_tokens):
                 token = await self.next_token(sampler)
                 if token in stops:
+                    self.finish_reason = "stop-token"
                     break
                 text += decoder.push([token])
                 hit = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
                 if hit >= 0:
                     text, cut = text[:hit], True
+                    self.finish_reason = "stop-string"
                     break
                 if stream is not None and len(text) - hold > emitted:
                     stream(text[emitted : len(text) - hold])
@@ -235,6 +243,7 @@ class Context:
     ) -> tuple[list[int], str]:
         """Hands the loop to the host (`forward.generate`) and collects its chunks."""
         if max_tokens <= 0:
+            self.finish_reason = "max-tokens"
             return [], ""
         if not self.pending:
             raise PieError("nothing to run: fill tokens first (a context samples after its queue)")
@@ -260,6 +269,8 @@ class Context:
                 tokens += chunk.tokens
                 out += chunk.text
                 finished = chunk.finish is not None
+                if finished:
+                    self.finish_reason = chunk.finish.name.lower().replace("_", "-")
                 if watch is not None:
                     watch(chunk)
         finally:

@@ -222,6 +222,22 @@ def test_different_seeds_give_different_draws() -> None:
     assert drawn == again
 
 
+def test_one_seed_draws_anew_at_each_position_and_the_same_again() -> None:
+    """A seeded generation: each step (position) draws its own token, a rerun the same ones,
+    whatever else shares the batch."""
+    x = _logits(1, scale=0.5).expand(50, VOCAB)
+    steps = list(range(100, 150))
+    drawn = _tokens(sample(x, [Sample(seed=7)] * 50, positions=steps))
+    assert len(set(drawn)) > 10
+    assert _tokens(sample(x, [Sample(seed=7)] * 50, positions=steps)) == drawn
+    one = _tokens(sample(x[:2], [Greedy(), Sample(seed=7)], positions=[3, steps[9]]))[1]
+    assert one == drawn[9]
+    # Position 0 (or no positions) draws what the seed alone drew before positions counted.
+    assert _tokens(sample(x[:1], [Sample(seed=7)], positions=[0])) == _tokens(
+        sample(x[:1], [Sample(seed=7)])
+    )
+
+
 # ---- logit masks ---------------------------------------------------------------------------------
 def test_masks_restrict_every_sampler_kind() -> None:
     x = _logits(6)

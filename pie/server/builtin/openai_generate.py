@@ -21,7 +21,7 @@ MASK64 = (1 << 64) - 1
 
 
 def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (splitmix64 rounds): each choice and step its own stream."""
+    """A 63-bit seed from integers (splitmix64 rounds): each choice its own stream."""
     x = 0x9E3779B97F4A7C15
     for part in parts:
         x = (x ^ (part & MASK64)) & MASK64
@@ -109,17 +109,17 @@ class Choice:
         self.temperature = float(job["temperature"])
         self.seed = job["seed"]
 
-    def sampler(self, step: int):
+    def sampler(self):
         if self.temperature == 0:
             return Greedy()
-        seed = None if self.seed is None else mix_seed(self.seed, self.index, step)
+        # Each choice its own seed; each step draws anew from it (the engine mixes in the
+        # position), the same in the host's loop and in `token_loop`.
+        seed = None if self.seed is None else mix_seed(self.seed, self.index)
         return Sample(temperature=self.temperature, top_p=float(self.job["top_p"]), seed=seed)
 
     async def run(self) -> int:
-        # The SDK's generate (soon a loop on the host) unless per-token data is needed: logprobs,
-        # or a seed (each step's draw gets its own derived seed, so the stream is reproducible).
+        # The SDK's generate (a loop on the host) unless per-token data is needed: logprobs.
         per_token = self.job["logprobs"] is not None
-        per_token |= self.seed is not None and self.temperature > 0
         before = len(self.ctx)
         if per_token:
             finish = await self.token_loop()
@@ -138,22 +138,18 @@ class Choice:
         def stream(text: str) -> None:
             emit({"i": self.index, "text": text})
 
-        before = len(self.ctx)
         # The loop runs on the host; a stream wakes this program per token (chunk_tokens=1) so
         # each delta reaches the client as soon as it is decoded.
         text = await self.ctx.generate(
             max_tokens,
-            self.sampler(0),
+            self.sampler(),
             stop=self.job["stop"],
             stream=stream if self.stream else None,
             chunk_tokens=1,
         )
         if not self.stream:
             emit({"i": self.index, "text": text})
-        last = self.ctx.pending[-1] if self.ctx.pending else -1
-        if len(self.ctx) - before < max_tokens or last in self.ctx.tokenizer.stop_tokens:
-            return "stop"
-        return "length"  # a stop string on the very last token also lands here
+        return "length" if self.ctx.finish_reason == "max-tokens" else "stop"
 
     async def token_loop(self) -> str:
         k = self.job["logprobs"]
@@ -196,7 +192,7 @@ class Choice:
         """One forward: the next token and, with logprobs asked, its [token, lp, top] entry."""
         tokens, self.ctx.pending = self.ctx.pending, []
         last = len(tokens) - 1
-        outputs: list[tuple[int, Sampler]] = [(last, self.sampler(step))]
+        outputs: list[tuple[int, Sampler]] = [(last, self.sampler())]
         if k is not None:
             outputs.append((last, TopK(max(k, 1))))
             if self.temperature > 0:  # a drawn token may lie outside the top k
