@@ -7,7 +7,8 @@ as many slots as the level's concurrency, restarted per level). aiperf drives
 `/v1/chat/completions`, streaming, with synthetic prompts of mean 256 and sd 128 tokens (one
 seed, so every server gets the same prompts per level) and 128 output tokens, at each
 concurrency, for max(8, 2 x concurrency) requests; output tok/s is aiperf's (output tokens /
-level duration). Each server answers two short requests first (first-call setup is not
+level duration). aiperf paces its issue loop at 50 ticks/s (see serve_load.py), so a freed slot
+waits <= 20 ms for its next request. Each server answers two short requests first (first-call setup is not
 measured). The engine's bare prefill of the concurrency-1 prompts is timed in this process after
 the first server stops. Ratios are pie's output tok/s over the peer's. Artifacts (server logs,
 aiperf exports, results.json) go to --out.
@@ -15,7 +16,8 @@ aiperf exports, results.json) go to --out.
 Columns: TTFT and ITL percentiles in ms over requests (aiperf's ITL is per request: decode time
 over its tokens after the first); OSL the mean output length aiperf counted; dur the level's
 duration; cpu s the CPU seconds the server's processes used and aiperf the CPU seconds aiperf's
-own processes used while the level ran (its startup included). For pie, from /metrics: engine
+own processes used while the level ran (its startup included); load the 1-minute load average
+as the level ended (other tenants of the machine show here). For pie, from /metrics: engine
 steps, generated tokens per step, the sampled mean step time and the level's wall time per step
 (a wall time per step well above the step time means the engine waited on something else).
 """
@@ -125,7 +127,7 @@ def run_llamacpp(
 # ---- report -----------------------------------------------------------------------------------
 HEADER = (
     f"{'server':<9}{'conc':>5}{'ok':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
-    f"{'ITL p99':>9}{'out tok/s':>11}{'OSL':>7}{'dur s':>7}{'cpu s':>7}{'aiperf':>7}"
+    f"{'ITL p99':>9}{'out tok/s':>11}{'OSL':>7}{'dur s':>7}{'cpu s':>7}{'aiperf':>7}{'load':>6}"
     "  pie engine: steps, gen tok/step, step ms, wall ms/step"
 )
 
@@ -138,7 +140,7 @@ def row(r: LevelResult) -> str:
         f"{r.server:<9}{r.concurrency:>5}{f'{r.completed}/{r.requests}':>8}"
         f"{ms(r.ttft_p50_ms):>10}{ms(r.ttft_p99_ms):>10}{r.itl_p50_ms:>9.1f}{r.itl_p99_ms:>9.1f}"
         f"{r.out_tok_s:>11.1f}{r.osl_mean:>7.1f}{r.duration_s:>7.1f}{r.server_cpu_s:>7.1f}"
-        f"{r.aiperf_cpu_s:>7.1f}"
+        f"{r.aiperf_cpu_s:>7.1f}{r.load_1m:>6.1f}"
     )
     if r.engine is not None:
         e = r.engine

@@ -6,6 +6,7 @@ into a `LevelResult`; plus pie's `/metrics` read before and after, to say where 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+TIMING_RATE_PER_S = 50
 
 
 class LoadError(RuntimeError):
@@ -69,6 +72,7 @@ class LevelResult:
     wall_s: float = float("nan")  # aiperf's whole run, its own startup included
     aiperf_cpu_s: float = float("nan")  # CPU seconds aiperf's processes used over `wall_s`
     server_cpu_s: float = float("nan")  # CPU seconds the server's processes used over `wall_s`
+    load_1m: float = float("nan")  # the machine's 1-minute load average as the level ended
     engine: EngineDelta | None = None
     failure: str | None = None
 
@@ -100,6 +104,10 @@ def aiperf_argv(
         "--use-legacy-max-tokens",  # max_tokens: the one field all three servers read
         "--extra-inputs", json.dumps(extra),
         "--concurrency", str(spec.concurrency),
+        # A request rate caps how often aiperf's timing loop wakes: in pure concurrency mode
+        # it spins (yield, retry) whenever every slot is busy, a third to two thirds of a core
+        # on this 2-core machine. A freed slot is refilled at the next tick, <= 1/RATE s later.
+        "--request-rate", str(TIMING_RATE_PER_S), "--arrival-pattern", "constant",
         "--request-count", str(spec.requests),
         "--random-seed", str(spec.seed),
         "--request-timeout-seconds", str(spec.request_timeout_s),
@@ -166,6 +174,7 @@ def run_level(
                     rc = f"timed out after {spec.level_timeout_s:.0f} s"
     wall = time.monotonic() - began
     server_cpu = tree_cpu_s(server_pid) - server_cpu_before
+    load_1m = os.getloadavg()[0]
     export = out / "profile_export_aiperf.json"
     if not export.exists():
         return LevelResult(
@@ -174,6 +183,7 @@ def run_level(
         )  # fmt: skip
     result = parse_export(export, server, spec)
     result.wall_s, result.aiperf_cpu_s, result.server_cpu_s = wall, aiperf_cpu.total, server_cpu
+    result.load_1m = load_1m
     if rc != 0:
         result.failure = f"aiperf exited {rc}"
     elif result.completed < spec.requests:
