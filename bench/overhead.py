@@ -27,17 +27,20 @@ Then the costs of the parts: a trivial host call from the guest, one element of 
 the boundary each way, launching an instance (cold: compile; cached: already compiled), and the
 resident memory of an idle instance.
 
-Last, the inferlet path's own ceiling: the same guests against an engine that answers every
-forward at once (`InstantEngine`: the real engine's shapes and checks, a fixed token), N = 1,
-32 and 128 instances: ms of runtime per token and tokens/s, what no engine speed can raise. On
-a GPU this, not the engine, can set the pace (measured: bench/RESULTS.md).
+Last, the inferlet path's own ceiling (`bench/ceiling.py`): the same guests against an engine
+that answers every forward at once, for the delegated loop and the per-token loop, at one
+worker process and the default count: tokens/s, and per token the wake-ups, host calls, bytes
+between processes and host CPU. On a GPU this, not the engine, can set the pace.
+
+The inferlets run in worker processes (`--workers`, default one per CPU), as `pie run` and
+`pie serve` run them; the guest is `bench/overhead_guest.py`; `generate` hands its loop to the
+host, as the SDK's `generate_tokens` does by default (`--per-token`: the guest's own loop).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -46,71 +49,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from bench.ceiling import HEADER, ceiling, cpus
 from bench.engine import machine, make_prompts
 from pie.control import ForwardRequest
-from pie.control.scheduler import BatchScheduler
 from pie.engine.engine import Engine
 from pie.engine.generate import generate
-from pie.engine.request import ForwardBatch, ForwardResult, Greedy, SequenceForward, TokenResult
-from pie.runtime.build import build_inferlet, cache_dir
+from pie.engine.request import Greedy, TokenResult
+from pie.runtime.build import build_inferlet
 from pie.runtime.component_cache import ComponentCache
 from pie.runtime.runtime import Runtime
 from pie.runtime.session import QueueSession
+from pie.runtime.workers.pool import default_workers
 
-GUEST = '''"""Guest of `python -m bench.overhead` (generated; edit bench/overhead.py)."""
-import asyncio
-import json
-import time
+GUEST = Path(__file__).with_name("overhead_guest.py")
 
-from pie.sdk import Context, pull
-from pie.sdk import _wit as wit
-
-
-async def generate(prompt, n):
-    ctx = Context()
-    ctx.fill_tokens(json.loads(prompt))
-    return json.dumps(await ctx.generate_tokens(int(n), stop_tokens=()))
-
-
-def host_calls(n):
-    count = int(n)
-    start = time.perf_counter()
-    for _ in range(count):
-        pass
-    empty = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(count):
-        wit.runtime.instance_id()
-    return json.dumps((time.perf_counter() - start - empty) / count)
-
-
-def to_host(n, repeats):
-    data = bytes(int(n))
-    start = time.perf_counter()
-    for _ in range(int(repeats)):
-        wit.session.send_blob(data)
-    return json.dumps((time.perf_counter() - start) / int(repeats))
-
-
-def round_trip(k, repeats):
-    future = Context().submit([1])
-    wit.poll.wait_any([future], None)
-    handles = [future] * int(k)
-    start = time.perf_counter()
-    for _ in range(int(repeats)):
-        wit.poll.wait_any(handles, 0)  # k ids in, k positions out
-    return json.dumps((time.perf_counter() - start) / int(repeats))
-
-
-async def main(args):
-    modes = {"generate": generate, "host-calls": host_calls, "to-host": to_host,
-             "round-trip": round_trip, "hello": lambda: wit.session.send(""),
-             "idle": lambda: pull("never")}
-    result = modes[args[0]](*args[1:])
-    if asyncio.iscoroutine(result) or asyncio.isfuture(result):
-        result = await result
-    return str(result)
-'''
 BATCHES = (1, 8, 32)
 
 
@@ -152,49 +104,12 @@ def run_control(rt: Runtime, prompts: list[list[int]], new: int) -> Run:
     return Run(time.perf_counter() - start, outputs)
 
 
-def run_inferlets(rt: Runtime, prompts: list[list[int]], new: int) -> Run:
+def run_inferlets(rt: Runtime, prompts: list[list[int]], new: int, delegate: bool = True) -> Run:
     start = time.perf_counter()
-    instances = [rt.launch("bench", ["generate", json.dumps(p), str(new)]) for p in prompts]
+    loop = "1" if delegate else "0"
+    instances = [rt.launch("bench", ["generate", json.dumps(p), str(new), loop]) for p in prompts]
     outputs = [json.loads(x.wait()) for x in instances]
     return Run(time.perf_counter() - start, outputs)
-
-
-class InstantEngine:
-    """The engine's contract at no cost: `engine`'s shapes, tokenizer and checks, and a fixed
-    token for every requested output, returned at once."""
-
-    def __init__(self, engine: Engine, token: int) -> None:
-        self.engine = engine
-        self.token = token
-        for name in ("model_name", "num_pages", "page_size", "vocab_size", "max_position"):
-            setattr(self, name, getattr(engine, name))
-        self.tokenizer = engine.tokenizer
-
-    def validate(self, seq: SequenceForward) -> None:
-        self.engine.validate(seq)
-
-    def execute(self, batch: ForwardBatch) -> ForwardResult:
-        return ForwardResult([[TokenResult(self.token)] * len(s.outputs) for s in batch.sequences])
-
-    def copy_pages(self, pairs: list[tuple[int, int, int]]) -> None:
-        pass
-
-
-def ceiling(engine: Engine, wasm: bytes, new: int) -> list[str]:
-    """Seconds per token of the inferlet path with an engine that costs nothing, per N."""
-    prompt = make_prompts(engine, 1, 16)[0]
-    rows = []
-    for n in (1, 32, 128):
-        instant = InstantEngine(engine, prompt[0])
-        scheduler = BatchScheduler(instant, max_batch_tokens=4096, max_batch_sequences=n)
-        with Runtime(instant, scheduler=scheduler, max_instances=n) as rt:
-            rt.add_component(wasm, name="bench")
-            run_inferlets(rt, [prompt], 4)  # instantiated once, untimed
-            run = run_inferlets(rt, [prompt] * n, new)
-            assert all(len(o) == new for o in run.outputs)
-        per_token = run.seconds / (n * new)
-        rows.append(f"n={n} {per_token * 1e3:.3f} ms/token ({1 / per_token:.0f} tok/s)")
-    return rows
 
 
 # ---- the parts ------------------------------------------------------------------------------------
@@ -288,7 +203,7 @@ def report_batch(rt: Runtime, engine: Engine, batch: int, args: argparse.Namespa
     new = args.new_tokens
     paths = {
         "engine": lambda: run_engine(engine, prompts, new, args.step_tokens),
-        "inferlets": lambda: run_inferlets(rt, prompts, new),
+        "inferlets": lambda: run_inferlets(rt, prompts, new, not args.per_token),
     }
     if args.control:
         paths["control"] = lambda: run_control(rt, prompts, new)
@@ -322,47 +237,67 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--step-tokens", type=int, default=2048, help="token budget per step")
     parser.add_argument("--quick", action="store_true", help="32 new tokens, fewer samples")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: CPUs)"
+    )
+    parser.add_argument(
+        "--per-token", action="store_true", help="the guests drive their own decode loop"
+    )
+    parser.add_argument("--ceiling-only", action="store_true", help="only the runtime ceiling")
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens = 32
     batches = [int(b) for b in args.batches.split(",")]
 
-    engine = Engine.load(None, num_pages=1024)
-    source = cache_dir() / "bench" / "overhead_guest.py"
-    source.parent.mkdir(parents=True, exist_ok=True)
-    source.write_text(GUEST)
-    wasm = build_inferlet(source).read_bytes()  # built once per machine, cached by content
+    engine = Engine.load(None, num_pages=2048)  # the ceiling's 256 instances need ~1,536
+    wasm = build_inferlet(GUEST).read_bytes()  # built once per machine, cached by content
     print(f"machine: {machine()}")
     print(
         f"workload: {args.prompt_len}-token prompts, {args.new_tokens} new greedy tokens, "
         f"{args.step_tokens} tokens per step, best of {args.repeats}"
     )
-    with Runtime(engine, max_batch_tokens=args.step_tokens) as rt:
-        rt.add_component(wasm, name="bench")  # compiled (or loaded from disk) before timing
-        warm = make_prompts(engine, 2, 16)
-        run_engine(engine, warm, 4, args.step_tokens)
-        run_inferlets(rt, warm, 4)
-        print(f"\n{'batch':>5} {'engine s':>9} {'inferlets s':>12} {'overhead':>9} "
-              f"{'control s':>10} {'overhead':>9} {'tok/s':>7} {'seq/step':>9}  same")  # fmt: skip
-        overheads = []
-        for batch in batches:
-            overheads.append(report_batch(rt, engine, batch, args))
-
-        call = guest_number(rt, "host-calls", "2000" if args.quick else "20000")
-        to_host, both = list_costs(rt, args.quick)
-        cold, disk, running, finished = launch_costs(rt, wasm, 5 if args.quick else 20)
-        rss = idle_memory(rt, 8 if args.quick else 32)
-        print(f"\nhost call round trip (guest → host → guest, no work): {call * 1e6:.1f} µs")
-        print(f"list element guest → host (list<u8>): {to_host * 1e9:.1f} ns")
-        print(f"list<u32> element guest → host → guest (wait-any): {both * 1e9:.1f} ns")
-        print(f"launch cold (compile {len(wasm) / 2**20:.0f} MB component): {cold:.2f} s; "
-              f"from the disk cache: {disk * 1e3:.1f} ms")  # fmt: skip
-        print(f"launch cached, median: {running * 1e3:.2f} ms to the guest's first host call, "
-              f"{finished * 1e3:.2f} ms to the result of a no-op inferlet")  # fmt: skip
-        print(f"resident memory per idle running inferlet: {rss / 2**20:.2f} MiB")
+    overheads: list[str] = []
+    if not args.ceiling_only:
+        with Runtime(engine, max_batch_tokens=args.step_tokens, workers=args.workers) as rt:
+            overheads = engine_rows(rt, engine, wasm, batches, args)
+    print(f"\nruntime ceiling: the engine answers at once; {cpus()} CPUs; per generated token: "
+          "wake-ups, host calls, bytes between processes, µs of host CPU (all processes)")  # fmt: skip
+    print(HEADER)
     rows = ceiling(engine, wasm, 32 if args.quick else 64)
-    print(f"runtime ceiling (engine answers at once, {os.cpu_count()} CPUs): " + "; ".join(rows))
+    at = {(r.loop, r.workers, r.n): r.tok_s for r in rows}
+    default = default_workers()
+    overheads.append(f"ceiling_delegated_256={at[('delegated', default, 256)]:.0f}")
+    overheads.append(f"ceiling_pertoken_256={at[('per-token', default, 256)]:.0f}")
     print("inferlet_overhead " + " ".join(overheads))
+
+
+def engine_rows(
+    rt: Runtime, engine: Engine, wasm: bytes, batches: list[int], args: argparse.Namespace
+) -> list[str]:
+    """The inferlets-vs-engine rows and the costs of the parts; returns the `bs<B>=` items."""
+    overheads = []
+    rt.add_component(wasm, name="bench")  # compiled (or loaded from disk) before timing
+    warm = make_prompts(engine, 2, 16)
+    run_engine(engine, warm, 4, args.step_tokens)
+    run_inferlets(rt, warm, 4)
+    print(f"\n{'batch':>5} {'engine s':>9} {'inferlets s':>12} {'overhead':>9} "
+          f"{'control s':>10} {'overhead':>9} {'tok/s':>7} {'seq/step':>9}  same")  # fmt: skip
+    for batch in batches:
+        overheads.append(report_batch(rt, engine, batch, args))
+
+    call = guest_number(rt, "host-calls", "2000" if args.quick else "20000")
+    to_host, both = list_costs(rt, args.quick)
+    cold, disk, running, finished = launch_costs(rt, wasm, 5 if args.quick else 20)
+    rss = idle_memory(rt, 8 if args.quick else 32)
+    print(f"\nhost call round trip (guest → host → guest, no work): {call * 1e6:.1f} µs")
+    print(f"list element guest → host (list<u8>): {to_host * 1e9:.1f} ns")
+    print(f"list<u32> element guest → host → guest (wait-any): {both * 1e9:.1f} ns")
+    print(f"launch cold (compile {len(wasm) / 2**20:.0f} MB component): {cold:.2f} s; "
+          f"from the disk cache: {disk * 1e3:.1f} ms")  # fmt: skip
+    print(f"launch cached, median: {running * 1e3:.2f} ms to the guest's first host call, "
+          f"{finished * 1e3:.2f} ms to the result of a no-op inferlet")  # fmt: skip
+    print(f"resident memory per idle running inferlet: {rss / 2**20:.2f} MiB")
+    return overheads
 
 
 if __name__ == "__main__":

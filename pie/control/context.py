@@ -165,6 +165,8 @@ class ContextManager:
     def hidden_before(self, ctx: KvContext, end: int) -> np.ndarray | None:
         """Bool [end]: which of slots 0 .. end-1 are hidden; None when none is."""
         with self._lock:
+            if not len(ctx.hidden):  # the common case: nothing was ever masked (no numpy call)
+                return None
             part = ctx.hidden[:end]
             if not part.any():
                 return None

@@ -181,8 +181,10 @@ class PagePool:
 
     def _check_quota(self, owner: OwnerId, new_pages: int) -> None:
         limit = self._quota.get(owner)
-        holds = len(self._held.get(owner, {}))
-        if limit is not None and holds + new_pages > limit:
+        if limit is None:
+            return
+        holds = len(self._held.get(owner, ()))
+        if holds + new_pages > limit:
             raise QuotaExceededError(
                 f"owner {owner} holds {holds} pages of its quota of {limit}, {new_pages} more "
                 "requested; close or truncate contexts, or raise the instance's page limit"

@@ -368,8 +368,13 @@ def validate_spec(spec: object, vocab: int) -> None:
     _check_spec(0, spec, vocab)
 
 
+# A tuple, not `Greedy | RawLogits | Entropy`: that builds a union object on every call, which
+# made this check the costliest line of admitting a decode step.
+_NO_PARAMETERS = (Greedy, RawLogits, Entropy)
+
+
 def _check_spec(row: int, spec: object, vocab: int) -> None:
-    if isinstance(spec, Greedy | RawLogits | Entropy):
+    if isinstance(spec, _NO_PARAMETERS):
         return
     if isinstance(spec, Sample):
         _check_temperature(row, spec.temperature)

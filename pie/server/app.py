@@ -20,7 +20,6 @@ from starlette.staticfiles import StaticFiles
 from pie.server import openai_api
 from pie.server.auth import AdmissionMiddleware
 from pie.server.live_stats import LiveStats
-from pie.server.metrics import SchedulerPoller
 from pie.server.state import ServerState
 from pie.server.ws import websocket_endpoint
 
@@ -62,8 +61,7 @@ def create_app(state: ServerState) -> Starlette:
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     state: ServerState = app.state.pie
-    poller = SchedulerPoller(state.metrics, state.runtime.scheduler)
-    tasks = [asyncio.create_task(poller.run()), asyncio.create_task(_expire_detached(state))]
+    tasks = [asyncio.create_task(_expire_detached(state))]
     tasks.append(asyncio.create_task(app.state.live_stats.run()))
     try:
         yield

@@ -20,6 +20,12 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 PROTECTED_PREFIXES = ("/v1", "/metrics", "/api")
 
 
+def protected(path: str) -> bool:
+    """Whether `path` is under a protected prefix, whole segments only (`/api/stats` is,
+    `/api.js` is not)."""
+    return any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES)
+
+
 def is_loopback(host: str | None) -> bool:
     """Whether `host` (an ASGI client address) is this machine (127.0.0.0/8, ::1, mapped)."""
     if not host:
@@ -77,7 +83,7 @@ class AdmissionMiddleware:
         self.config = config
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if scope["type"] != "http" or not protected(scope["path"]):
             await self.app(scope, receive, send)
             return
         reason = admission_error(self.config, peer_host(scope), bearer_token(scope["headers"]))

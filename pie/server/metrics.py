@@ -1,17 +1,17 @@
 """`ServerMetrics`: the Prometheus collectors of one server, in its own registry.
 
 Counters are fed where things happen (launches, errors, tokens); gauges of the pool and
-scheduler are refreshed on each scrape; the batch-size and step-time histograms are fed by a
-background poll of the scheduler's cumulative stats (`SchedulerPoller`).
+scheduler are refreshed on each scrape; the batch-size and step-time histograms get one
+observation per engine step from a scheduler step listener (`StepRecorder`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from pie.control.scheduler import StepInfo
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -36,19 +36,19 @@ class ServerMetrics:
         )
         self.batch_size = Histogram(
             "pie_batch_sequences",
-            "Sequences per engine step (mean over each poll interval)",
+            "Sequences per engine step",
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.batch_tokens = Histogram(
             "pie_batch_tokens",
-            "Tokens per engine step (mean over each poll interval)",
+            "Tokens per engine step",
             buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048),
             registry=r,
         )
         self.step_seconds = Histogram(
             "pie_step_seconds",
-            "Engine step time (the latest step, sampled at each poll)",
+            "Engine step time",
             buckets=STEP_BUCKETS,
             registry=r,
         )
@@ -85,42 +85,22 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
-class SchedulerPoller:
-    """Feeds the step histograms from deltas of the scheduler's cumulative stats.
+class StepRecorder:
+    """Feeds the step histograms and counters from the scheduler, one observation per engine
+    step (a step listener on the engine thread: each observation costs a microsecond or two)."""
 
-    The scheduler keeps totals (steps, tokens, mean sequences per step), not per-step records,
-    so each interval's steps are observed at that interval's mean batch size.
-    """
-
-    def __init__(self, metrics: ServerMetrics, scheduler: Any, interval_s: float = 0.25) -> None:
+    def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
-        self.scheduler = scheduler
-        self.interval_s = interval_s
-        self._steps = self._tokens = 0
-        self._sequences = 0.0
 
-    def poll(self) -> None:
-        stats = self.scheduler.stats
-        steps = stats.steps - self._steps
-        if steps <= 0:
+    def attach(self, scheduler: Any) -> None:
+        scheduler.add_step_listener(self.observe)
+
+    def observe(self, step: StepInfo | None) -> None:
+        if step is None:
             return
-        sequences = stats.mean_sequences_per_step * stats.steps
-        tokens = stats.tokens - self._tokens
-        mean_sequences = (sequences - self._sequences) / steps
-        mean_tokens = tokens / steps
         m = self.metrics
-        for _ in range(min(steps, 1000)):  # at ~0.25 s a poll this never binds on a real engine
-            m.batch_size.observe(mean_sequences)
-            m.batch_tokens.observe(mean_tokens)
-        m.engine_steps.inc(steps)
-        m.engine_tokens.inc(max(tokens, 0))
-        last_step = getattr(self.scheduler, "_last_step_s", None)  # no public per-step hook yet
-        if isinstance(last_step, float) and last_step > 0:
-            m.step_seconds.observe(last_step)
-        self._steps, self._tokens, self._sequences = stats.steps, stats.tokens, sequences
-
-    async def run(self) -> None:
-        while True:
-            with contextlib.suppress(Exception):  # a metrics hiccup must not end the server
-                self.poll()
-            await asyncio.sleep(self.interval_s)
+        m.batch_size.observe(step.sequences)
+        m.batch_tokens.observe(step.tokens)
+        m.step_seconds.observe(step.seconds)
+        m.engine_steps.inc()
+        m.engine_tokens.inc(step.tokens)

@@ -18,7 +18,7 @@ from pie import __version__
 from pie.runtime.errors import LaunchError
 from pie.runtime.limits import InstanceLimits
 from pie.server.config import ServerConfig
-from pie.server.metrics import ServerMetrics
+from pie.server.metrics import ServerMetrics, StepRecorder
 from pie.server.sessions import ChannelRegistry
 
 
@@ -38,6 +38,9 @@ class ServerState:
     connections: set[Any] = field(default_factory=set)  # open ws.Connection objects
     started_at: float = field(default_factory=time.time)
     _builtin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        StepRecorder(self.metrics).attach(self.runtime.scheduler)  # one observation per step
 
     # ---- launching ------------------------------------------------------------------------------
     def launch(

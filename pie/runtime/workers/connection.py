@@ -24,6 +24,7 @@ from pie.runtime.errors import InstanceFailed
 from pie.runtime.plane.plane import WAITING_OPS, call
 from pie.runtime.workers import frames
 from pie.runtime.workers.channel import Channel, ChannelClosed
+from pie.runtime.workers.frame_queue import FrameQueue
 
 if TYPE_CHECKING:
     from pie.runtime.records import InstanceRecord
@@ -52,8 +53,7 @@ class WorkerConnection:
         self.instances: dict[int, InstanceRecord] = {}
         self.alive = True
         self._asks: dict[int, cf.Future[Any]] = {}  # req -> the plane's future, for Withdraw
-        self._out: list[Any] = []
-        self._lock = threading.Lock()
+        self._out = FrameQueue(channel)
         self.counters: cf.Future[dict[str, float]] | None = None
         self._thread = threading.Thread(
             target=self._receive, name=f"pie-worker-{index}", daemon=True
@@ -65,8 +65,7 @@ class WorkerConnection:
     # ---- sending --------------------------------------------------------------------------------
     def post(self, message: Any) -> None:
         """Queues a message to the worker; it leaves when the current batch of work ends."""
-        with self._lock:
-            self._out.append(message)
+        self._out.add(message)
         if threading.current_thread() is self.pool.scheduler_thread:
             self.pool.dirty.add(self)  # flushed after the engine step
             return
@@ -77,13 +76,10 @@ class WorkerConnection:
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            if not self._out or not self.alive:
-                return
-            items, self._out = self._out, []
+        if self.alive:
             # A dead worker: its receiver notices and ends its instances.
             with contextlib.suppress(ChannelClosed):
-                self.channel.send(frames.ENCODER.encode(items))
+                self._out.send()
 
     def _reply(self, req: int, op: str, future: cf.Future[Any]) -> None:
         """Posts `Done` for `future` (an Ask's or a Call's) when it resolves."""

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from pie.runtime.workers.channel import Channel
-from pie.runtime.workers.frames import ENCODER
+from pie.runtime.workers.frame_queue import FrameQueue
 
 GAP_SECONDS = 0.002
 
@@ -26,21 +26,18 @@ class Outbox:
     def __init__(self, channel: Channel, gap_s: float = GAP_SECONDS) -> None:
         self.channel = channel
         self.gap_s = gap_s
-        self._lock = threading.Lock()
-        self._items: list[Any] = []
+        self._queue = FrameQueue(channel)
+        self._lock = threading.Lock()  # guards `_awake`
         self._since = 0.0  # when the oldest unsent item was put
         self._awake: set[int] = set()  # instances woken by an answer and not blocked since
 
     def put(self, message: Any) -> None:
-        with self._lock:
-            if not self._items:
-                self._since = time.monotonic()
-            self._items.append(message)
+        if self._queue.add(message):
+            self._since = time.monotonic()
 
     def send_now(self, message: Any) -> None:
-        with self._lock:
-            self._items.append(message)
-            self._flush()
+        self._queue.add(message)
+        self._queue.send()
 
     def woke(self, owner: int) -> None:
         """`owner` is about to be woken by an answer: wait for it before sending."""
@@ -52,21 +49,18 @@ class Outbox:
         runs; returns whether something is left unsent (then call `flush` after `gap_s`)."""
         with self._lock:
             self._awake.discard(owner)
-            if self._items and not self._awake:
-                self._flush()
-            return bool(self._items)
+            others = bool(self._awake)
+        if not others:
+            self._queue.send()
+            return False
+        return bool(self._queue.items)
 
     def flush(self) -> None:
         with self._lock:
             self._awake.clear()  # whoever still runs sends its own items when it blocks
-            self._flush()
+        self._queue.send()
 
     def flush_if_stale(self) -> None:
         """For a guest computing without blocking: what waits longer than `gap_s` goes."""
-        if self._items and time.monotonic() - self._since > self.gap_s:
+        if self._queue.items and time.monotonic() - self._since > self.gap_s:
             self.flush()
-
-    def _flush(self) -> None:
-        if self._items:
-            items, self._items = self._items, []
-            self.channel.send(ENCODER.encode(items))
