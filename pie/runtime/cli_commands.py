@@ -31,6 +31,12 @@ def add_runtime_commands(subparsers: Any) -> None:
     options.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     options.add_argument("--device", default="cpu")
     options.add_argument("--kv-pages", type=int, default=1024)
+    options.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes for wasm instances (default: one per CPU; 0: in this process)",
+    )
     options.add_argument("--memory-mb", type=int, default=512, help="guest linear memory limit")
     options.add_argument("--cpu-seconds", type=float, default=60.0, help="guest CPU-time limit")
     options.add_argument("--wall-seconds", type=float, default=3600.0, help="wall-time limit")
@@ -115,7 +121,8 @@ def _run_program(args: argparse.Namespace, program: Path) -> int:
         cpu_seconds=args.cpu_seconds,
         wall_seconds=args.wall_seconds,
     )
-    with Runtime(engine, limits=limits) as runtime:
+    workers = 0 if args.native else args.workers  # native runs stay in this process anyway
+    with Runtime(engine, limits=limits, workers=workers) as runtime:
         if program.suffix == ".wasm":
             if args.native:
                 print("pie run: --native needs the .py source, not a .wasm", file=sys.stderr)

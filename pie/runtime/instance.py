@@ -129,13 +129,7 @@ class InferletInstance:
         # about a millisecond that nobody waiting for the result needs to pay.
         self._store: wasmtime.Store | None = None
         self._thread = threading.Thread(target=self._main, name=f"inferlet-{self.id}", daemon=True)
-        self.stdout_path = sandbox.log_dir / f"{self.id}.stdout"
-        self.stderr_path = sandbox.log_dir / f"{self.id}.stderr"
-        spent = [0]  # bytes of output logged, both streams
-        self.logs = [
-            GuestLog(self.stdout_path, host, "stdout", spent),
-            GuestLog(self.stderr_path, host, "stderr", spent),
-        ]
+        self.logs: list[GuestLog] = []  # the guest's stdout and stderr files, once it runs
         self._deadline_callback: object = None  # wasmtime calls it while the store lives
 
     # ---- control (any thread) ------------------------------------------------------------------
@@ -181,27 +175,22 @@ class InferletInstance:
         self._store = None
 
     def _run_wasm(self) -> str:
-        component = self.program.component
-        if component is None:
+        if self.program.component is None:
             raise InstanceFailed(f"program {self.program.name} has no component; build it first")
-        limits = self.host.limits
-        store = self._store = wasmtime.Store(self.sandbox.wasm_engine)
-        store.set_limits(memory_size=limits.memory_bytes)
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = [self.program.name]
-        wasi.stdout_file = str(self.stdout_path)
-        wasi.stderr_file = str(self.stderr_path)
-        for host_path, guest_path in self.sandbox.preopen_dirs.items():
-            wasi.preopen_dir(host_path, guest_path)
-        store.set_wasi(wasi)
-        set_deadline(store, self.host)  # before instantiation: the default deadline traps at once
-        self._deadline_callback = watch_deadline(store, self.host)
         try:
-            instance = self.sandbox.linker.instantiate(store, component)
-            run = instance.get_func(store, "run")
-            if run is None:
+            # Instantiated ahead where it could be (a store with its limits and WASI, not run).
+            prepared = self.sandbox.instantiate(self.program, self.host.limits.memory_bytes)
+            store = self._store = prepared.store
+            spent = [0]  # bytes of output logged, both streams
+            self.logs = [
+                GuestLog(prepared.stdout, self.host, "stdout", spent),
+                GuestLog(prepared.stderr, self.host, "stderr", spent),
+            ]
+            set_deadline(store, self.host)
+            self._deadline_callback = watch_deadline(store, self.host)
+            if prepared.run is None:
                 raise InstanceFailed(f"program {self.program.name} exports no `run` function")
-            out = run(store, json.dumps(self.host.args))
+            out = prepared.run(store, json.dumps(self.host.args))
         except wasmtime.WasmtimeError as e:  # a trapped store is poisoned: never called again
             raise InstanceFailed(self._trap_message(e)) from None
         if out.tag == "ok":
