@@ -146,3 +146,24 @@ def test_a_stream_to_the_client_is_the_same_from_either_loop(workers_runtime: Ru
         texts.append((result, len(session.sent)))
     assert texts[0][0] == texts[1][0]
     assert texts[0][1] > 1  # streamed piece by piece, not at the end
+
+
+def test_a_stopped_worker_holds_up_nobody_else(workers_runtime: Runtime) -> None:
+    """A worker that stops reading (SIGSTOP) leaves its instances waiting; the engine steps on
+    for the other worker's, and the stopped ones finish once it runs again."""
+    rt = workers_runtime
+    assert rt.workers is not None
+    placed = _placed(rt)
+    slow = [rt.launch("probe", ["generate-own-loop", "300", f"s{i}"]) for i in range(3)]
+    time.sleep(0.2)
+    stopped = rt.workers.workers[0].process.pid
+    assert [r.worker for r in placed] == [0, 1, 0]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        quick = rt.launch("probe", ["generate", "50", "quick"])  # to worker 1, the less loaded
+        assert json.loads(quick.wait(20)) == reference_generation(_tokens("quick"), 50)
+        assert all(r.running for r in placed if r.worker == 0)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    for i, record in enumerate(slow):
+        assert json.loads(record.wait(60)) == reference_generation(_tokens(f"s{i}"), 300)
