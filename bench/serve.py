@@ -6,7 +6,8 @@ settings; HF: the folder `pie export-hf` rebuilds from that GGUF; llama-server: 
 as many slots as the level's concurrency, restarted per level). aiperf drives
 `/v1/chat/completions`, streaming, with synthetic prompts of mean 256 and sd 128 tokens (one
 seed, so every server gets the same prompts per level) and 128 output tokens, at each
-concurrency, for max(8, 2 x concurrency) requests; output tok/s is aiperf's (output tokens /
+concurrency, for max(8, 2 x concurrency) requests or 240 s of issuing (then 60 s of grace for
+those in flight), whichever ends first; output tok/s is aiperf's (output tokens /
 level duration). aiperf paces its issue loop at 50 ticks/s (see serve_load.py), so a freed slot
 waits <= 20 ms for its next request. Each server answers two short requests first (first-call setup is not
 measured). The engine's bare prefill of the concurrency-1 prompts is timed in this process after
@@ -29,6 +30,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,7 @@ def level(
     spec = LoadSpec(
         concurrency=c,
         requests=args.requests or requests_for(c, args.quick),
+        duration_s=args.level_seconds or (90.0 if args.quick else 240.0),
         isl_mean=args.isl_mean,
         isl_sd=args.isl_sd,
         osl=args.osl,
@@ -153,7 +156,7 @@ def row(r: LevelResult) -> str:
 
 def tok_s(results: list[LevelResult], server: str, c: int) -> float:
     for r in results:
-        if r.server == server and r.concurrency == c and not r.failure:
+        if r.server == server and r.concurrency == c:
             return r.out_tok_s
     return float("nan")
 
@@ -180,6 +183,13 @@ def summary(results: list[LevelResult], prefill: PrefillResult | None) -> list[s
             f"({ratio(pie_ttft, prefill.prefill_p50_ms)}x prefill); llama-server TTFT p50 c=1 "
             f"{llama_ttft:.0f} ms (pie/llama-server {ratio(pie_ttft, llama_ttft)})"
         )
+    for r in results:
+        if r.failure or r.completed < r.requests:
+            lines.append(
+                f"note: {r.server} c={r.concurrency}: {r.completed} of {r.requests} requests "
+                f"completed in the level's time ({r.failure or 'no errors'}); its tok/s counts "
+                "only what completed"
+            )
     p = {c: tok_s(results, "pie", c) for c in LEVELS}
     h = {c: tok_s(results, "hf", c) for c in LEVELS}
     ll = {c: tok_s(results, "llamacpp", c) for c in LEVELS}
@@ -196,6 +206,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", choices=SERVERS, help="a server (repeatable)")
     ap.add_argument("--levels", help="comma-separated concurrencies (default 1,4,16,64)")
     ap.add_argument("--requests", type=int, help="requests per level (default max(8, 2c))")
+    ap.add_argument(
+        "--level-seconds",
+        type=float,
+        help="no new request after this many seconds of a level (default 240, quick 90)",
+    )
     ap.add_argument("--isl-mean", type=int, default=256)
     ap.add_argument("--isl-sd", type=int, default=128)
     ap.add_argument("--osl", type=int, default=128)
@@ -209,6 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server and aiperf run this started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pie" / "bench-serve"
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     out: Path = args.out or cache / stamp

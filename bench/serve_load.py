@@ -5,6 +5,7 @@ into a `LevelResult`; plus pie's `/metrics` read before and after, to say where 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,8 +33,10 @@ class LoadSpec:
     isl_sd: int = 128
     osl: int = 128
     seed: int = 20251206
+    duration_s: float = 240.0  # aiperf issues no new request after this (first stop wins)
+    grace_s: float = 60.0  # and waits this long for those in flight
     request_timeout_s: float = 600.0
-    level_timeout_s: float = 1200.0  # the whole aiperf run, startup included
+    level_timeout_s: float = 900.0  # the whole aiperf run, startup included
 
 
 @dataclass
@@ -109,6 +112,8 @@ def aiperf_argv(
         # on this 2-core machine. A freed slot is refilled at the next tick, <= 1/RATE s later.
         "--request-rate", str(TIMING_RATE_PER_S), "--arrival-pattern", "constant",
         "--request-count", str(spec.requests),
+        "--benchmark-duration", str(spec.duration_s),
+        "--benchmark-grace-period", str(spec.grace_s),
         "--random-seed", str(spec.seed),
         "--request-timeout-seconds", str(spec.request_timeout_s),
         "--output-artifact-dir", str(out),
@@ -163,15 +168,20 @@ def run_level(
     with (out / "aiperf.stdout").open("wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         rc: int | str | None = None
-        while rc is None:
-            aiperf_cpu.sample(proc.pid)
-            try:
-                rc = proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                if time.monotonic() - began > spec.level_timeout_s:
-                    proc.kill()
-                    proc.wait()
-                    rc = f"timed out after {spec.level_timeout_s:.0f} s"
+        try:
+            while rc is None:
+                aiperf_cpu.sample(proc.pid)
+                try:
+                    rc = proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() - began > spec.level_timeout_s:
+                        rc = f"timed out after {spec.level_timeout_s:.0f} s"
+        finally:
+            if proc.poll() is None:  # timed out, or this process is being stopped
+                for p in reversed(_tree(proc.pid)):
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+                proc.wait()
     wall = time.monotonic() - began
     server_cpu = tree_cpu_s(server_pid) - server_cpu_before
     load_1m = os.getloadavg()[0]
@@ -186,8 +196,8 @@ def run_level(
     result.load_1m = load_1m
     if rc != 0:
         result.failure = f"aiperf exited {rc}"
-    elif result.completed < spec.requests:
-        result.failure = f"{result.completed} of {spec.requests} requests completed"
+    elif result.errors:
+        result.failure = f"{result.errors} requests failed"
     return result
 
 
