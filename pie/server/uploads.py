@@ -12,7 +12,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from pie.runtime.errors import LaunchError
 from pie.server.frames import Chunk, FrameError, Upload, Uploaded, UploadProgress, UploadReady
 
 
@@ -33,11 +32,7 @@ class Uploads:
         self.pending: PendingUpload | None = None
 
     def known(self, digest: str) -> bool:
-        try:
-            self.state.runtime.program(digest)
-        except LaunchError:
-            return False
-        return True
+        return bool(self.state.runtime.has_program(digest))
 
     def begin(self, frame: Upload) -> UploadReady:
         config = self.state.config
