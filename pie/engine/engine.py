@@ -15,6 +15,7 @@ import torch
 
 from pie.engine import cpu_kernels, cpu_kernels_f32, sampling
 from pie.engine.attention import ATTENTION_BACKENDS, sequence_cache_rows
+from pie.engine.config import ModelConfig
 from pie.engine.errors import InvalidBatchError
 from pie.engine.gguf_tensors import BlockWeight
 from pie.engine.loader import load_model
@@ -91,11 +92,13 @@ class Engine:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        num_pages: int = 1024,
+        num_pages: int | None = 1024,
         page_size: int = 16,
         attention: str | None = None,
     ) -> Engine:
-        """Load a GGUF file or HF folder (None: the embedded SmolLM2) onto `device`."""
+        """Load a GGUF file or HF folder (None: the embedded SmolLM2) onto `device`.
+
+        `num_pages=None` sizes the KV pool to memory (`pages_for_memory`)."""
         dev = torch.device(device)
         loaded = load_model(model)
         if loaded.gguf_file is not None:
@@ -116,8 +119,11 @@ class Engine:
             dtype or default_dtype(dev, loaded.blocks),
             blocks=loaded.blocks,
         )
+        loaded_config = loaded.config
         del loaded  # the host's float32 copies of the weights are garbage now: hand them back
         release_free_heap()
+        if num_pages is None:
+            num_pages = pages_for_memory(loaded_config, net.dtype, page_size, dev)
         engine = cls(net, tokenizer, num_pages=num_pages, page_size=page_size, attention=backend)
         if backend_name == "triton" and dev.type == "cuda":  # decode steps replay CUDA graphs
             from pie.engine.cuda import cuda_graphs
@@ -258,3 +264,37 @@ def _make_backend(name: str) -> AttentionBackend:
         raise ValueError(f"unknown attention backend {name!r}: choose from torch, triton")
     backend: AttentionBackend = ATTENTION_BACKENDS[name]()
     return backend
+
+
+CPU_KV_BYTES = (
+    4 * 2**30
+)  # as vLLM's CPU backend reserves for KV by default (VLLM_CPU_KVCACHE_SPACE)
+
+
+def pages_for_memory(
+    cfg: ModelConfig, dtype: torch.dtype, page_size: int, device: torch.device
+) -> int:
+    """A KV pool sized to the machine: on CPU 4 GiB or a quarter of the memory available,
+    whichever is less; on CUDA half of what is free once the weights are loaded. Never more pages
+    than hold 64 contexts of the model's full length, never fewer than 64."""
+    per_page = cfg.num_layers * 2 * page_size * cfg.num_kv_heads * cfg.head_dim
+    per_page *= torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 2
+    else:
+        budget = min(CPU_KV_BYTES, available_memory() // 4)
+    most = 64 * -(-cfg.max_position // page_size)
+    return max(64, min(most, budget // per_page))
+
+
+def available_memory() -> int:
+    """Bytes of memory the OS could hand out now (Linux MemAvailable; else the physical total)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -283,7 +283,8 @@ class LlamaModel:
         n_tokens, heads, kv_heads, dim = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = heads * dim, kv_heads * dim
         eps = cfg.rms_norm_eps
-        if layer.qkv.folds_rope:  # rotated as the matmul writes them
+        folded = layer.qkv.folds_rope and not layer.qkv.runs_wide(n_tokens)
+        if folded:  # rotated as the matmul writes them
             qkv = layer.qkv.rotated(
                 x, positions, self.rope_cos, self.rope_sin, norm=layer.attn_norm, eps=eps
             )
@@ -292,7 +293,7 @@ class LlamaModel:
         v = qkv[:, q_size + kv_size :].view(n_tokens, kv_heads, dim)
         q = qkv[:, :q_size].view(n_tokens, heads, dim)
         k = qkv[:, q_size : q_size + kv_size].view(n_tokens, kv_heads, dim)
-        if layer.qkv.folds_rope:
+        if folded:
             return q, k, v
         if layer.q_norm is not None and layer.k_norm is not None:
             q = self._rotate(rms_norm(q, layer.q_norm, eps), positions, rope_rows)

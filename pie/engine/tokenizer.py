@@ -207,6 +207,10 @@ class Tokenizer:
     def id_to_token(self, token: int) -> str | None:
         return self.backend.id_to_token(token)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled template holds lambdas; worker processes get the tokenizer pickled.
+        return {**self.__dict__, "_template": None}
+
     # ---- chat ---------------------------------------------------------------------------------
     def apply_chat_template(
         self,

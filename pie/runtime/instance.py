@@ -167,7 +167,9 @@ class InferletInstance:
         self.ended = True
         self.sandbox.running.discard(self)
         if isinstance(outcome, BaseException):
-            self.host.log.info("failed: %s", str(outcome).splitlines()[0] if str(outcome) else "")
+            # A guest's traceback ends with the exception: that line names what went wrong.
+            lines = str(outcome).strip().splitlines()
+            self.host.log.info("failed: %s", lines[-1] if lines else "")
         try:
             self.on_end(self, outcome)
         except Exception:

@@ -95,6 +95,7 @@ async def _health(request: Request) -> Response:
 async def _metrics(request: Request) -> Response:
     state = _state(request)
     state.metrics.refresh(state.runtime, state.draining)
+    state.metrics.openai_waiting.set(state.admission.waiting)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -31,7 +31,9 @@ def add_serve_command(subparsers: Any) -> None:
     serve.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     serve.add_argument("--device", default=None, help="cpu (default) or cuda")
     serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
-    serve.add_argument("--kv-pages", type=int, default=None, help="KV pages in the pool")
+    serve.add_argument(
+        "--kv-pages", type=int, default=None, help="KV pages in the pool (default: sized to memory)"
+    )
     serve.add_argument("--workers", type=int, default=None, help="instance worker processes")
     serve.add_argument("--max-instances", type=int, default=None)
     serve.add_argument(

@@ -29,7 +29,7 @@ class ServerConfig:
     model: str | None = None  # GGUF file or HF folder; None: the embedded SmolLM2
     device: str = "cpu"
     dtype: str = "auto"  # auto | float32 | bfloat16
-    kv_pages: int = 1024
+    kv_pages: int | None = None  # None: sized to memory (Engine.load, pages_for_memory)
     # Instance worker processes (0: in-process; None: the runtime's default), where supported.
     workers: int | None = None
     max_instances: int = 256
@@ -81,7 +81,11 @@ class ServerConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first setting that cannot work."""
-        positive = ["kv_pages", "max_instances", "max_batch_tokens", "max_frame_bytes"]
+        if self.kv_pages is None:
+            positive = []
+        else:
+            positive = ["kv_pages"]
+        positive += ["max_instances", "max_batch_tokens", "max_frame_bytes"]
         positive += ["max_upload_bytes", "upload_chunk_bytes", "max_buffered_bytes", "memory_mb"]
         for name in positive:
             value = getattr(self, name)

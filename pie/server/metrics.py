@@ -66,6 +66,15 @@ class ServerMetrics:
             buckets=WAIT_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "pie_openai_queue_wait_seconds",
+            "Time an OpenAI request waited in line for KV room before its launch",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.openai_waiting = Gauge(
+            "pie_openai_waiting", "OpenAI requests in line for KV room", registry=r
+        )
         self.connections = Gauge(
             "pie_ws_connections", "Open client-protocol connections", registry=r
         )

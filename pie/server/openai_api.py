@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -109,9 +110,22 @@ class OpenAIAPI:
             raise OpenAIError(400, f"{param}: the chat template failed: {e}", param=param) from None
         return list(self.tokenizer.encode(text))
 
-    def start(self, job: Job, prompt_param: str) -> InferletRun:
+    async def start(self, job: Job, prompt_param: str) -> InferletRun:
+        """Checks the job, waits in line for its KV room (see admission.py), launches it."""
+        asked = job.sampling.max_tokens
         check_context(job, self.max_position, self.vocab_size, prompt_param)
-        return InferletRun(self.state, job)
+        admission = self.state.admission
+        pages = admission.pages_for([len(p) for p in job.prompts], job.sampling.n, asked)
+        began = time.monotonic()
+        await admission.acquire(pages)
+        self.state.metrics.queue_wait.observe(time.monotonic() - began)
+        try:
+            run = InferletRun(self.state, job)
+        except BaseException:
+            admission.release(pages)
+            raise
+        run.instance.done.add_done_callback(lambda _: admission.release(pages))
+        return run
 
     def stream(self, run: InferletRun, frames: AsyncIterator[bytes]) -> StreamingResponse:
         """An SSE response; a client that disconnects cancels the instance (pages return)."""
@@ -160,7 +174,7 @@ class OpenAIAPI:
         ]
         echo_lp = req.logprobs if req.echo else None
         job = Job(prompts, req.sampling, req.logprobs, echo_lp, req.stream)
-        run = self.start(job, "prompt")
+        run = await self.start(job, "prompt")
         view = CompletionView(self, run, req.echo, echo_texts, req.logprobs)
         if req.stream:
             return self.stream(run, view.frames(req.include_usage))
@@ -174,7 +188,7 @@ class OpenAIAPI:
         self.check_model(req.model)
         prompt = self.chat_prompt(req.messages, "messages")
         k = req.top_logprobs if req.logprobs else None
-        run = self.start(Job([prompt], req.sampling, k, None, req.stream), "messages")
+        run = await self.start(Job([prompt], req.sampling, k, None, req.stream), "messages")
         view = ChatView(self, run, k)
         if req.stream:
             return self.stream(run, view.frames(req.include_usage))

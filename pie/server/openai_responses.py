@@ -22,7 +22,7 @@ async def responses_endpoint(api: OpenAIAPI, request: Request) -> Response:
     api.check_model(req.model)
     prompt = api.chat_prompt(req.messages, "input")
     asked = req.sampling.max_tokens
-    run = api.start(Job([prompt], req.sampling, None, None, req.stream), "input")
+    run = await api.start(Job([prompt], req.sampling, None, None, req.stream), "input")
     view = ResponseView(api, run, req, asked)
     if req.stream:
         return api.stream(run, view.frames())

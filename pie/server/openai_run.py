@@ -192,10 +192,21 @@ class InferletRun:
         else:
             error = done.exception()
         if error is not None:
+            # A guest's traceback ends with its exception: that line is what the client needs.
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            cause = lines[-1].removeprefix("pie.sdk._wit.PieError: ")
+            if "KV pool exhausted" in cause:  # other programs hold the pool: retry later
+                self.state.metrics.errors.labels("openai_kv_pool_exhausted").inc()
+                raise OpenAIError(
+                    503,
+                    f"generation failed: {cause}",
+                    type="server_error",
+                    code="kv_pool_exhausted",
+                )
             self.state.metrics.errors.labels("openai_inferlet").inc()
             raise OpenAIError(
                 500,
-                f"generation failed: {error}",
+                f"generation failed: {cause}",
                 type="server_error",
                 code="inferlet_failed",
             )

@@ -17,6 +17,7 @@ from typing import Any
 from pie import __version__
 from pie.runtime.errors import LaunchError
 from pie.runtime.limits import InstanceLimits
+from pie.server.admission import PageAdmission
 from pie.server.config import ServerConfig
 from pie.server.metrics import ServerMetrics, StepRecorder
 from pie.server.sessions import ChannelRegistry
@@ -41,6 +42,10 @@ class ServerState:
 
     def __post_init__(self) -> None:
         StepRecorder(self.metrics).attach(self.runtime.scheduler)  # one observation per step
+        self.admission = PageAdmission(
+            capacity=int(self.runtime.pool.num_pages),
+            page_size=int(getattr(self.engine, "page_size", 16)),
+        )
 
     # ---- launching ------------------------------------------------------------------------------
     def launch(

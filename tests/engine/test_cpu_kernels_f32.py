@@ -207,6 +207,30 @@ def test_linear_uses_the_kernel_for_every_row_count() -> None:
         close(linear(x, residual=res), res + F.linear(x, w))
 
 
+@pytest.mark.parametrize("wide", ["0", "1"])
+def test_wide_rows_go_to_torchs_gemm_with_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, wide: str
+) -> None:
+    """From WIDE_MIN_ROWS rows a float32 [in, out] copy runs through torch's GEMM where asked
+    (AVX-512 CPUs by default); norm, residual and SwiGLU mean the same on both paths."""
+    from pie.engine import linear as linear_module
+
+    monkeypatch.setenv("PIE_CPU_WIDE_GEMM", wide)
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(192, 128, generator=gen) * 0.1
+    norm = torch.rand(128, generator=gen) + 0.5
+    plain, gated = Linear(w.clone()), Linear(w.clone(), gated=True)
+    assert (plain.wide is not None) == (wide == "1") and plain.nbytes == 192 * 128 * 4
+    for rows in (linear_module.WIDE_MIN_ROWS - 1, linear_module.WIDE_MIN_ROWS, 300):
+        assert plain.runs_wide(rows) == (wide == "1" and rows >= linear_module.WIDE_MIN_ROWS)
+        x = torch.randn(rows, 128, generator=gen)
+        res = torch.randn(rows, 192, generator=gen)
+        close(plain(x, residual=res), res + F.linear(x, w))
+        close(plain(x, norm=norm, eps=1e-5), F.linear(rms_norm(x, norm, 1e-5), w))
+        gate, up = F.linear(rms_norm(x, norm, 1e-5), w).chunk(2, dim=-1)
+        close(gated.swiglu(x, norm=norm, eps=1e-5), F.silu(gate) * up)
+
+
 def test_rope_kernel_matches_apply_rope_exactly() -> None:
     gen = torch.Generator().manual_seed(0)
     tokens, heads, dim = 37, 12, 64

@@ -53,6 +53,16 @@ def test_prefill_logits_match_hf(fresh_cache: Engine, hf_model, prompt_tokens) -
     assert (ours - hf_logits(hf_model, tokens)).abs().max().item() < TOL
 
 
+def test_long_prefill_logits_match_hf(fresh_cache: Engine, hf_model, prompt_tokens) -> None:  # type: ignore[no-untyped-def]
+    """Past WIDE_MIN_ROWS rows, where AVX-512 CPUs run torch's GEMM and RoPE apart."""
+    tokens = (prompt_tokens[2] + prompt_tokens[1]) * 5
+    assert len(tokens) >= 100
+    pages = list(range(20, 20 + -(-len(tokens) // fresh_cache.page_size)))
+    ours = run(fresh_cache, seq(tokens, pages, 0, outputs=range(0, len(tokens), 7)))
+    want = hf_logits(hf_model, tokens)[0 : len(tokens) : 7]
+    assert (ours - want).abs().max().item() < TOL
+
+
 def test_page_by_page_decode_matches_hf(fresh_cache: Engine, hf_model, prompt_tokens) -> None:  # type: ignore[no-untyped-def]
     tokens = (prompt_tokens[0] + prompt_tokens[3]) * 2
     pages = [30, 11, 5]

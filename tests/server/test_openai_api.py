@@ -4,6 +4,7 @@ reproduce, errors have OpenAI's shape and status."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Iterator
@@ -361,3 +362,34 @@ def test_logprob_values_are_finite_json(server: ServerProcess) -> None:
     logprobs = reply.json()["choices"][0]["logprobs"]
     values = [v for top in logprobs["top_logprobs"] if top for v in top.values()]
     assert len(values) >= 20 * 4 and all(math.isfinite(v) and v <= 0 for v in values)
+
+
+def test_requests_beyond_the_pool_wait_for_room(server: ServerProcess) -> None:
+    """Two prompts whose pages together pass the pool (2 x 163 of 320): the second waits in
+    line for the first to finish instead of failing with an exhausted pool."""
+    prompts = [list(range(1000 + k, 3600 + k)) for k in (0, 7)]
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(
+                *(
+                    http.post(
+                        server.http + "/v1/completions",
+                        json={"model": MODEL, "prompt": p, "max_tokens": 8, "temperature": 0},
+                    )
+                    for p in prompts
+                )
+            )
+
+    waits_before = _metric(server, "pie_openai_queue_wait_seconds_count")
+    replies = run(both())
+    assert [r.status_code for r in replies] == [200, 200], [r.text for r in replies]
+    assert all(r.json()["usage"]["prompt_tokens"] == 2600 for r in replies)
+    assert _metric(server, "pie_openai_queue_wait_seconds_count") == waits_before + 2
+    assert _metric(server, "pie_openai_waiting") == 0
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    metrics = httpx.get(server.http + "/metrics", timeout=30).text
+    (line,) = [ln for ln in metrics.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[-1])

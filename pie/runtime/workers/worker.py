@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -160,6 +161,11 @@ class Worker:
 
 
 def main() -> None:
+    # A worker lives as long as its channel: the control process drains on SIGINT/SIGTERM and
+    # then says Shutdown (or dies, closing the channel). Signals sent to the whole process group
+    # (Ctrl-C in a terminal, `kill -- -PGID`) must not end instances before that drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd = int(sys.argv[1])
     channel = Channel(socket.socket(fileno=fd))
     try:
