@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,15 @@ def test_chat_template_matches_hf(tokenizer: Tokenizer, hf_tokenizer) -> None:  
             )
             assert ours == theirs
             assert tokenizer.encode(ours) == hf_tokenizer.encode(theirs, add_special_tokens=False)
+
+
+def test_pickles_after_its_chat_template_was_used(tokenizer: Tokenizer) -> None:
+    """Worker processes (spawned again after one dies) get the tokenizer pickled."""
+    messages = [{"role": "user", "content": "Hi"}]
+    text = tokenizer.apply_chat_template(messages)
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy.apply_chat_template(messages) == text
+    assert copy.encode(text) == tokenizer.encode(text)
 
 
 def test_digits_split_one_by_one_as_llama_cpp(tokenizer: Tokenizer) -> None:
