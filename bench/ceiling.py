@@ -60,26 +60,30 @@ class Usage:
     host_calls: float
     bytes: float
     cpu_seconds: float
+    control_cpu_seconds: float  # of cpu_seconds, the control process's (scheduler, plane)
 
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(
-            self.wakeups - other.wakeups,
-            self.host_calls - other.host_calls,
-            self.bytes - other.bytes,
-            self.cpu_seconds - other.cpu_seconds,
-        )
+        return Usage(*(a - b for a, b in zip(self.fields(), other.fields(), strict=True)))
+
+    def fields(self) -> tuple[float, ...]:
+        return (self.wakeups, self.host_calls, self.bytes, self.cpu_seconds,
+                self.control_cpu_seconds)  # fmt: skip
+
+    def per(self, tokens: int) -> Usage:
+        return Usage(*(f / tokens for f in self.fields()))
 
 
 def usage(rt: Runtime) -> Usage:
     own = resource.getrusage(resource.RUSAGE_SELF)
     wakeups, calls = float(own.ru_nvcsw), float(wasm_calls.CALLS[0])
     cpu, crossed = own.ru_utime + own.ru_stime, 0.0
+    control = cpu
     for worker in rt.workers.counters() if rt.workers is not None else []:
         wakeups += worker["voluntary_switches"]
         calls += worker["host_calls"]
         cpu += worker["cpu_seconds"]
         crossed += worker["bytes_sent"] + worker["bytes_received"]
-    return Usage(wakeups, calls, crossed, cpu)
+    return Usage(wakeups, calls, crossed, cpu, control)
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,12 @@ class CeilingRow:
         u = self.per_token
         return (
             f"{self.loop:>9} {self.workers:>7} {self.n:>5} {self.tok_s:>9.0f} {u.wakeups:>8.2f} "
-            f"{u.host_calls:>6.2f} {u.bytes:>7.0f} {u.cpu_seconds * 1e6:>8.1f}"
+            f"{u.host_calls:>6.2f} {u.bytes:>7.0f} {u.cpu_seconds * 1e6:>8.1f} "
+            f"{u.control_cpu_seconds * 1e6:>9.1f}"
         )
 
 
-HEADER = f"{'loop':>9} {'workers':>7} {'N':>5} {'tok/s':>9} {'wake/tok':>8} {'calls':>6} {'bytes':>7} {'cpu µs':>8}"
+HEADER = f"{'loop':>9} {'workers':>7} {'N':>5} {'tok/s':>9} {'wake/tok':>8} {'calls':>6} {'bytes':>7} {'cpu µs':>8} {'control µs':>9}"
 
 
 def measure(
@@ -125,9 +130,8 @@ def measure(
         spent = usage(rt) - before
     assert all(len(o) == new for o in outputs)
     tokens = n * new
-    per = Usage(spent.wakeups / tokens, spent.host_calls / tokens, spent.bytes / tokens,
-                spent.cpu_seconds / tokens)  # fmt: skip
-    return CeilingRow("delegated" if delegated else "per-token", workers, n, tokens / seconds, per)
+    loop = "delegated" if delegated else "per-token"
+    return CeilingRow(loop, workers, n, tokens / seconds, spent.per(tokens))
 
 
 def ceiling(

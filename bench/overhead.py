@@ -157,22 +157,29 @@ def launch_once(rt: Runtime) -> tuple[float, float]:
     return sent[0] - start, time.perf_counter() - start
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
+def rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def runtime_rss(rt: Runtime) -> int:
+    """Resident bytes of this process and of the runtime's worker processes."""
+    workers = rt.workers.workers if rt.workers is not None else []
+    return rss_bytes() + sum(rss_bytes(w.process.pid) for w in workers)
+
+
 def idle_memory(rt: Runtime, count: int) -> float:
-    """Resident bytes per instance blocked in a host wait after starting its guest."""
-    before = rss_bytes()
+    """Resident bytes per instance blocked in a host wait after starting its guest (the
+    instances' worker processes counted)."""
+    before = runtime_rss(rt)
     instances = [rt.launch("bench", ["idle"]) for _ in range(count)]
     deadline = time.monotonic() + 60
     while len(rt.bus.pullers.get("never", ())) < count and time.monotonic() < deadline:
         time.sleep(0.01)
-    after = rss_bytes()
+    after = runtime_rss(rt)
     for instance in instances:
         instance.cancel("benchmark done")
     for instance in instances:
