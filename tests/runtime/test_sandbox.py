@@ -138,10 +138,13 @@ def test_a_wide_fork_bomb_fills_the_runtime_and_is_reaped(
     limits = InstanceLimits(cpu_seconds=10.0, wall_seconds=60.0)
     with Runtime(FakeEngine(), limits=limits, cache=pie_cache, max_instances=6) as rt:  # type: ignore[arg-type]
         rt.add_component(probe_wasm, name="probe")
-        bystander = rt.launch("probe", ["generate", "120", "still here"])
+        # The bystander holds its slot until the bomb is done (a generation that ended early
+        # would free a slot for a fifth copy).
+        bystander = rt.launch("probe", ["generate-after", "go", "120", "still here"])
         made, error = json.loads(rt.run("probe", ["wide-bomb", "root"]))
         assert "inferlets are running" in error or "depth limit" in error
         assert made <= 4  # six slots: the bystander, the root and at most four copies
+        rt.bus.push("go", "now")
         tokens = json.loads(bystander.wait(30))
         assert tokens == reference_generation([b + OFFSET for b in b"still here"], 120)
         deadline = time.monotonic() + 20

@@ -27,6 +27,12 @@ async def generate(n: str, prompt: str) -> str:
     return json.dumps(await ctx.generate_tokens(int(n), stop_tokens=()))
 
 
+async def generate_after(topic: str, n: str, prompt: str) -> str:
+    """`generate` once a message arrives on `topic` (holds its slot until then)."""
+    await pull(topic)
+    return await generate(n, prompt)
+
+
 async def generate_own_loop(n: str, prompt: str) -> str:
     """`generate` with the guest's own per-token loop (one host call per token)."""
     ctx = Context()
@@ -409,6 +415,7 @@ async def main(args: list[str]) -> str:
         "churn": churn,
         "leak": leak,
         "wide-bomb": wide_bomb,
+        "generate-after": generate_after,
         "blob": blob,
         "double-close": double_close,
         "handle-flood": handle_flood,
