@@ -152,5 +152,6 @@ def test_past_the_transport_limit_the_connection_closes_but_the_server_lives(
         with pytest.raises(ConnectionClosed) as closed:  # the close may cut the send short
             conn.send(b"\x00" * (2 * MAX_FRAME + 1))
             conn.recv(10)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        # 1009 when the close frame gets through; a reset can beat it to the client
+        assert closed.value.rcvd is None or closed.value.rcvd.code == 1009
     assert server.healthy()
