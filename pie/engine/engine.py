@@ -266,9 +266,8 @@ def _make_backend(name: str) -> AttentionBackend:
     return backend
 
 
-CPU_KV_BYTES = (
-    4 * 2**30
-)  # as vLLM's CPU backend reserves for KV by default (VLLM_CPU_KVCACHE_SPACE)
+# The KV space vLLM's CPU backend reserves by default (VLLM_CPU_KVCACHE_SPACE).
+CPU_KV_BYTES = 4 * 2**30
 
 
 def pages_for_memory(

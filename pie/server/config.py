@@ -81,10 +81,7 @@ class ServerConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first setting that cannot work."""
-        if self.kv_pages is None:
-            positive = []
-        else:
-            positive = ["kv_pages"]
+        positive = [] if self.kv_pages is None else ["kv_pages"]  # None: sized to memory
         positive += ["max_instances", "max_batch_tokens", "max_frame_bytes"]
         positive += ["max_upload_bytes", "upload_chunk_bytes", "max_buffered_bytes", "memory_mb"]
         for name in positive:

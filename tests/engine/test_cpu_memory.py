@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pie.engine import cpu_kernels, model
+from pie.engine.loader import load_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,3 +52,20 @@ def test_release_free_heap_hands_freed_buffers_back() -> None:
     assert held - before > 100 << 20  # freed, but still the process's
     assert model.release_free_heap()
     assert _resident_bytes() < held - (100 << 20)
+
+
+def test_a_pool_sized_to_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Engine.load(num_pages=None)`: 4 GiB or a quarter of the available memory on CPU."""
+    from pie.engine import engine as engine_module
+    from pie.engine.config import ModelConfig
+
+    cfg = load_model().config
+    assert isinstance(cfg, ModelConfig)
+    per_page = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # float32
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 64 * 2**30)
+    assert engine_module.pages_for_memory(cfg, torch.float32, 16, cpu) == 4 * 2**30 // per_page
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 2 * 2**30)
+    assert engine_module.pages_for_memory(cfg, torch.float32, 16, cpu) == 2**29 // per_page
+    monkeypatch.setattr(engine_module, "available_memory", lambda: 2**20)
+    assert engine_module.pages_for_memory(cfg, torch.float32, 16, cpu) == 64  # the floor
