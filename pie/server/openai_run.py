@@ -195,21 +195,11 @@ class InferletRun:
             # A guest's traceback ends with its exception: that line is what the client needs.
             lines = str(error).strip().splitlines() or [type(error).__name__]
             cause = lines[-1].removeprefix("pie.sdk._wit.PieError: ")
-            if "KV pool exhausted" in cause:  # other programs hold the pool: retry later
-                self.state.metrics.errors.labels("openai_kv_pool_exhausted").inc()
-                raise OpenAIError(
-                    503,
-                    f"generation failed: {cause}",
-                    type="server_error",
-                    code="kv_pool_exhausted",
-                )
-            self.state.metrics.errors.labels("openai_inferlet").inc()
-            raise OpenAIError(
-                500,
-                f"generation failed: {cause}",
-                type="server_error",
-                code="inferlet_failed",
-            )
+            # A pool run out by other programs is the server's state, not the request's fault.
+            exhausted = "KV pool exhausted" in cause
+            status, code = (503, "kv_pool_exhausted") if exhausted else (500, "inferlet_failed")
+            self.state.metrics.errors.labels(f"openai_{code}").inc()
+            raise OpenAIError(status, f"generation failed: {cause}", type="server_error", code=code)
         self.state.metrics.generated_tokens.inc(self.completion_tokens)
 
     async def collect(self, receive: Any = None) -> None:
