@@ -276,8 +276,7 @@ def pages_for_memory(
     """A KV pool sized to the machine: on CPU 4 GiB or a quarter of the memory available,
     whichever is less; on CUDA half of what is free once the weights are loaded. Never more pages
     than hold 64 contexts of the model's full length, never fewer than 64."""
-    per_page = cfg.num_layers * 2 * page_size * cfg.num_kv_heads * cfg.head_dim
-    per_page *= torch.empty((), dtype=dtype).element_size()
+    per_page = cfg.num_layers * 2 * page_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 2

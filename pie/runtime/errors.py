@@ -41,3 +41,9 @@ class InstanceFailed(InferletError):
 
 # What a host call may raise that the guest can handle: returned as a WIT `err`, never a trap.
 GUEST_ERRORS: tuple[type[Exception], ...] = (HostError, ControlError, EngineError)
+
+
+def last_line(error: BaseException) -> str:
+    """What went wrong, in one line: a guest's traceback ends with its exception."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import wasmtime
 from wasmtime import component as wc
 
-from pie.runtime.errors import InstanceFailed
+from pie.runtime.errors import InstanceFailed, last_line
 from pie.runtime.host import futures as host_futures
 from pie.runtime.host.state import InstanceHost, bind_current
 from pie.runtime.wasm_bindings import TICK_SECONDS, set_deadline, watch_deadline
@@ -167,9 +167,7 @@ class InferletInstance:
         self.ended = True
         self.sandbox.running.discard(self)
         if isinstance(outcome, BaseException):
-            # A guest's traceback ends with the exception: that line names what went wrong.
-            lines = str(outcome).strip().splitlines()
-            self.host.log.info("failed: %s", lines[-1] if lines else "")
+            self.host.log.info("failed: %s", last_line(outcome))
         try:
             self.on_end(self, outcome)
         except Exception:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pie.runtime.errors import LaunchError
+from pie.runtime.errors import LaunchError, last_line
 from pie.server.openai_schema import OpenAIError, Sampling
 from pie.server.state import ServerDraining, ServerState
 
@@ -192,9 +192,7 @@ class InferletRun:
         else:
             error = done.exception()
         if error is not None:
-            # A guest's traceback ends with its exception: that line is what the client needs.
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            cause = lines[-1].removeprefix("pie.sdk._wit.PieError: ")
+            cause = last_line(error).removeprefix("pie.sdk._wit.PieError: ")
             # A pool run out by other programs is the server's state, not the request's fault.
             exhausted = "KV pool exhausted" in cause
             status, code = (503, "kv_pool_exhausted") if exhausted else (500, "inferlet_failed")
