@@ -219,6 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, help="artifacts folder (default ~/.cache/pie/bench-serve/…)"
     )
     ap.add_argument("--no-prefill", action="store_true", help="skip the bare-prefill timing")
+    ap.add_argument(
+        "--pie-arg", action="append", help="an argument for `pie serve` (repeatable: --config F)"
+    )
     return ap.parse_args(argv)
 
 
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     prefill: PrefillResult | None = None
     for name in servers:
         if name == "pie":
-            results += run_server(pie_peer(), levels, args, hf_dir, out)
+            results += run_server(pie_peer(args.pie_arg or ()), levels, args, hf_dir, out)
         elif name == "hf":
             results += run_server(hf_peer(hf_dir), levels, args, hf_dir, out)
         else:

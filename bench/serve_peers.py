@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,15 @@ class Peer:
         return f"http://127.0.0.1:{self.port}"
 
 
-def pie_peer() -> Peer:
+def pie_peer(extra: Sequence[str] = ()) -> Peer:
+    """`pie serve` with default settings, plus `extra` arguments (e.g. `--config FILE`)."""
     port = free_port()
     return Peer(
         name="pie",
-        argv=[sys.executable, "-m", "pie.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        argv=[
+            *(sys.executable, "-m", "pie.cli", "serve", "--host", "127.0.0.1"),
+            *("--port", str(port), *extra),
+        ],
         port=port,
         ready_path="/health",
         extra_inputs={"temperature": TEMPERATURE, "top_p": 1.0},

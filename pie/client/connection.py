@@ -90,6 +90,11 @@ class RemoteInstance:
     async def send_blob(self, data: bytes) -> None:
         await self.client.request(f.SendBlob(instance=self.id, data=bytes(data)))
 
+    async def close_input(self) -> None:
+        """No more messages: once the instance has received those sent before, its
+        `receive()` raises `EndOfInput` (its `messages()` ends)."""
+        await self.client.request(f.CloseInput(instance=self.id))
+
     async def terminate(self) -> None:
         await self.client.request(f.Terminate(instance=self.id))
 
@@ -192,10 +197,26 @@ class PieClient:
         return str(last.hash)
 
     async def launch(
-        self, program: str, args: list[str] | None = None, *, detached: bool = False
+        self,
+        program: str,
+        args: list[str] | None = None,
+        *,
+        detached: bool = False,
+        kv_pages: int | None = None,
+        kv_reserve: int = 0,
+        priority: int = 0,
     ) -> RemoteInstance:
-        """Starts `program` (hash or name); its events stream unless `detached`."""
-        frame = f.Launch(program=program, args=list(args or []), detached=detached)
+        """Starts `program` (hash or name); its events stream unless `detached`. `kv_pages`
+        caps its KV pages, `kv_reserve` claims that many up front, `priority` ranks it when
+        the pool is short (docs/api.md, "Sharing the KV pool")."""
+        frame = f.Launch(
+            program=program,
+            args=list(args or []),
+            detached=detached,
+            kv_pages=kv_pages,
+            kv_reserve=kv_reserve,
+            priority=priority,
+        )
         # Registered before the reply comes: the instance's events follow it at once.
         frame.id = next(self._ids)
         instance = RemoteInstance(self, frame.id)

@@ -50,7 +50,7 @@ async def _run(url: str, token: str | None, wasm: bytes, name: str, argv: list[s
     async with PieClient.connect(url, token=token) as client:
         digest = await client.upload(wasm, name=name)
         instance = await client.launch(digest, argv)
-        _feed_stdin(asyncio.get_running_loop(), instance.send)
+        _feed_stdin(asyncio.get_running_loop(), instance.send, instance.close_input)
         streamed: list[str] = []
         open_line = False
         try:
@@ -82,21 +82,38 @@ async def _run(url: str, token: str | None, wasm: bytes, name: str, argv: list[s
 
 
 def _feed_stdin(
-    loop: asyncio.AbstractEventLoop, send: Callable[[str], Coroutine[Any, Any, None]]
+    loop: asyncio.AbstractEventLoop,
+    send: Callable[[str], Coroutine[Any, Any, None]],
+    close: Callable[[], Coroutine[Any, Any, None]],
 ) -> None:
-    """Lines typed on stdin become messages to the instance."""
+    """Lines typed on stdin become messages to the instance; its end closes the instance's
+    input (`close_input`), so the program's `receive` raises `EndOfInput`. Each goes after
+    the one before was answered: the end never overtakes a line."""
     if sys.stdin is None or sys.stdin.closed:
         return
 
+    def forward(coroutine: Coroutine[Any, Any, None]) -> bool:
+        if loop.is_closed():  # the instance ended and the client with it
+            coroutine.close()
+            return False
+        try:
+            done = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        except RuntimeError:  # closed between the check and the call
+            coroutine.close()
+            return False
+        try:
+            done.result()
+        except Exception:  # the instance ended meanwhile (or its input closed): stop feeding
+            return False
+        return True
+
     def pump() -> None:
-        for line in sys.stdin:
-            if loop.is_closed():  # the instance ended and the client with it
-                return
-            coroutine = send(line.rstrip("\n"))
-            try:
-                asyncio.run_coroutine_threadsafe(coroutine, loop)
-            except RuntimeError:  # closed between the check and the call
-                coroutine.close()
-                return
+        try:
+            for line in sys.stdin:
+                if not forward(send(line.rstrip("\n"))):
+                    return
+        except (OSError, ValueError):  # stdin closed or unreadable: that is its end too
+            pass
+        forward(close())
 
     threading.Thread(target=pump, name="pie-stdin", daemon=True).start()

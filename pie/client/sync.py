@@ -40,6 +40,9 @@ class SyncInstance:
     def send_blob(self, data: bytes) -> None:
         self._client._call(self.remote.send_blob(data))
 
+    def close_input(self) -> None:
+        self._client._call(self.remote.close_input())
+
     def terminate(self) -> None:
         self._client._call(self.remote.terminate())
 
@@ -74,9 +77,11 @@ class PieClientSync:
         return self._call(self.client.upload(wasm, name))
 
     def launch(
-        self, program: str, args: list[str] | None = None, *, detached: bool = False
+        self, program: str, args: list[str] | None = None, *, detached: bool = False, **kv: int
     ) -> SyncInstance:
-        return SyncInstance(self, self._call(self.client.launch(program, args, detached=detached)))
+        """`PieClient.launch`; `kv`: its kv_pages, kv_reserve and priority."""
+        launching = self.client.launch(program, args, detached=detached, **kv)  # type: ignore[arg-type]
+        return SyncInstance(self, self._call(launching))
 
     def attach(self, instance_id: int) -> SyncInstance:
         return SyncInstance(self, self._call(self.client.attach(instance_id)))

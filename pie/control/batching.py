@@ -6,8 +6,9 @@ budget per step with chunked prefill keeps a long prompt from stalling decodes.
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from typing import cast
 
 from pie.control.context import KvContext
 from pie.engine.request import SampleResult, SequenceForward
@@ -41,15 +42,24 @@ class Chunk:
 
 
 def plan_batch(
-    waiting: list[PendingForward], max_tokens: int, max_sequences: int, decode_tokens: int
+    waiting: list[PendingForward],
+    max_tokens: int,
+    max_sequences: int,
+    decode_tokens: int,
+    prefill_tokens: int | None = None,
+    long_prompt: int = 0,
 ) -> list[Chunk]:
     """Pick the next step's chunks from the FCFS queue and advance each picked forward's `done`.
 
     Only the oldest queued forward of each context is eligible: one chunk per context per step,
     and a context's forwards run in submit order. Pass 1 takes short forwards (at most
     `decode_tokens`: decodes, speculative checks) so a long prefill never stalls them; pass 2
-    fills the rest of the budget FCFS, cutting splittable forwards into chunks. Never empty
-    while `waiting` is not (admission keeps unsplittable forwards within `max_tokens`).
+    fills the rest of the budget FCFS, cutting splittable forwards into chunks. Long forwards
+    (more than `long_prompt` tokens) take at most `prefill_tokens` of it together, while
+    decoders are active, so that step after step stays short enough for them (see
+    `PrefillPacer`); shorter ones go at the token budget: they delay the decoders a few steps,
+    once, and pacing them too starves throughput. Never empty while `waiting` is not
+    (admission keeps unsplittable forwards within `max_tokens`).
     """
     heads: list[PendingForward] = []
     seen: set[KvContext] = set()
@@ -63,15 +73,22 @@ def plan_batch(
         if len(take) < max_sequences and forward.remaining <= min(decode_tokens, budget):
             take[i] = forward.remaining
             budget -= forward.remaining
+    # Long prompts are cut to the pace (one token at least if nothing else runs); a forward
+    # that cannot be cut goes whole (waiting for a step without decoders could starve it).
+    paced = budget if prefill_tokens is None else min(budget, max(prefill_tokens, int(not take)))
     for i, forward in enumerate(heads):
         if len(take) == max_sequences or budget == 0:
             break
         if i in take:
             continue
-        size = min(forward.remaining, budget) if forward.splittable else forward.remaining
-        if size <= budget:
+        long = len(forward.seq.tokens) > long_prompt
+        size = min(forward.remaining, budget, paced if long else budget)
+        size = size if forward.splittable else forward.remaining
+        if 0 < size <= budget:
             take[i] = size
             budget -= size
+            if long:
+                paced = max(0, paced - size)
     return [_cut(heads[i], take[i]) for i in sorted(take)]
 
 
@@ -99,3 +116,17 @@ def _cut(forward: PendingForward, size: int) -> Chunk:
         logit_mask=whole.logit_mask,
     )
     return Chunk(forward, part, [k for k, _, _ in picked], last)
+
+
+def resolve(
+    future: Future[list[SampleResult]],
+    result: list[SampleResult] | None,
+    error: BaseException | None,
+) -> None:
+    try:
+        if error is None:
+            future.set_result(cast(list[SampleResult], result))
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        pass  # the caller cancelled the future: nobody waits for the result

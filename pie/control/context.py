@@ -3,14 +3,20 @@
 A context owns references on pool pages; fork and import share them, and the first append into a
 shared partial page copies it (copy-on-write). The copies are queued to the scheduler, which runs
 them before the next batch; operations that change shared pages wait until the context is idle.
+
+A context with no forward in flight can be swapped out (`swap_out`, the scheduler's preemption
+for a higher-priority program): the pages only it holds go to host memory and back to the pool.
+Its next use brings them back first (new pages, restored before the next batch), so the owner
+sees nothing but the wait for those pages.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,6 +27,17 @@ from pie.control.page_pool import OwnerId, PagePool
 
 def _no_hidden() -> np.ndarray:
     return np.zeros(0, dtype=np.bool_)
+
+
+SWAPPED = -1  # a page id standing for a page now in host memory
+
+
+@dataclass(slots=True)
+class SwappedPages:
+    """Pages of a context in host memory: where they sat in `pages`, and their saved KV."""
+
+    indexes: list[int]
+    data: Any  # the engine's copy, in the order of `indexes`
 
 
 @dataclass(slots=True, eq=False)  # eq=False: contexts hash by identity (scheduler dict keys)
@@ -41,6 +58,8 @@ class KvContext:
     length: int = 0
     hidden: np.ndarray = field(default_factory=_no_hidden)
     closed: bool = False
+    swapped: SwappedPages | None = None  # pages in host memory (their ids here are SWAPPED)
+    in_flight: int = 0  # forwards reserved and not yet settled (swap only at 0)
 
 
 class CopySink(Protocol):
@@ -60,6 +79,14 @@ class CopySink(Protocol):
         """Learn the manager that reserves slots for submitted forwards."""
         ...
 
+    def queue_restore(self, pages: list[int], data: Any) -> None:
+        """Write swapped-out KV `data` into `pages` before the next batch."""
+        ...
+
+    def copies_pending(self) -> bool:
+        """Whether page copies or restores are queued and not yet run."""
+        ...
+
 
 class ContextManager:
     """Makes and operates KvContexts over one page pool. Thread-safe.
@@ -76,6 +103,10 @@ class ContextManager:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._open: dict[OwnerId, dict[int, KvContext]] = {}
+        # Guards KvContext.in_flight alone, and takes no other lock: the scheduler settles
+        # forwards under its own lock, which may not wait for this manager's.
+        self._flight = threading.Lock()
+        self.swapped_pages = 0  # pages of all contexts now in host memory
         sink.bind_contexts(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -88,6 +119,7 @@ class ContextManager:
         self._idle(ctx)
         with self._lock:
             self._check_open(ctx)
+            self._resident(ctx)
             shared = ctx.pages[: self._pages_for(ctx.length)]
             self._pool.retain(ctx.owner, shared)
             return self._new(ctx.owner, list(shared), ctx.length, ctx.hidden.copy())
@@ -103,6 +135,7 @@ class ContextManager:
         self._idle(ctx)
         with self._lock:
             self._check_open(ctx)
+            self._resident(ctx)
             shared = ctx.pages[: self._pages_for(ctx.length)]
             self._exports.export(ctx.owner, name, shared, ctx.length)
 
@@ -111,6 +144,7 @@ class ContextManager:
         self._idle(ctx)
         with self._lock:
             self._check_open(ctx)
+            self._drop_swapped(ctx)
             self._pool.release(ctx.owner, ctx.pages)
             ctx.pages = []
             ctx.closed = True
@@ -123,9 +157,14 @@ class ContextManager:
         """
         with self._lock:
             for ctx in self._open.pop(owner, {}).values():
+                self._drop_swapped(ctx)
                 ctx.pages = []
                 ctx.closed = True
             return self._pool.release_owner(owner)
+
+    def all_contexts(self) -> list[KvContext]:
+        with self._lock:
+            return [ctx for contexts in self._open.values() for ctx in contexts.values()]
 
     def contexts_of(self, owner: OwnerId) -> list[KvContext]:
         with self._lock:
@@ -142,6 +181,7 @@ class ContextManager:
                     f"cannot truncate a context of {ctx.length} slots to {length}; "
                     f"pick a length in [0, {ctx.length}]"
                 )
+            self._resident(ctx)
             keep = self._pages_for(length)
             self._pool.release(ctx.owner, ctx.pages[keep:])
             del ctx.pages[keep:]
@@ -185,10 +225,18 @@ class ContextManager:
             raise InvalidRequestError(f"cannot reserve {n} slots; ask for zero or more")
         with self._lock:
             self._check_open(ctx)
+            self._resident(ctx)
             start = ctx.length
             self._grow(ctx, start + n)
             ctx.length = start + n
+            with self._flight:
+                ctx.in_flight += 1
             return start, list(ctx.pages)
+
+    def settled(self, ctx: KvContext) -> None:
+        """A forward `reserve` was called for has run, failed or been dropped."""
+        with self._flight:
+            ctx.in_flight = max(0, ctx.in_flight - 1)
 
     def unreserve(self, ctx: KvContext, start: int, end: int) -> None:
         """Undo reserve(ctx, end - start) of a forward that will not run.
@@ -198,6 +246,7 @@ class ContextManager:
         with self._lock:
             if not ctx.closed and ctx.length == end:
                 ctx.length = start
+        self.settled(ctx)
 
     def preallocate(self, ctx: KvContext, slots: int) -> None:
         """Allocate pages for `slots` more slots now (and do any copy-on-write), so later
@@ -206,9 +255,74 @@ class ContextManager:
             raise InvalidRequestError(f"cannot preallocate {slots} slots; ask for zero or more")
         with self._lock:
             self._check_open(ctx)
+            self._resident(ctx)
             self._grow(ctx, ctx.length + slots)
 
+    def pages_needed(self, ctx: KvContext, n: int) -> int:
+        """Pages `reserve(ctx, n)` would allocate now (new ones, plus a copy-on-write)."""
+        with self._lock:
+            self._check_open(ctx)
+            return self._pages_missing(ctx, ctx.length + n)
+
+    @property
+    def pool(self) -> PagePool:
+        return self._pool
+
+    # ---- swapping (the scheduler's preemption) ----------------------------------------------
+    def swap_out(self, ctx: KvContext, save: Callable[[list[int]], Any]) -> int:
+        """Moves the pages only `ctx` holds to host memory (`save(pages)` copies them there;
+        on the engine thread, between steps); returns how many pages that freed. Does nothing
+        to a context with a forward in flight, or while page copies wait to run."""
+        with self._lock:
+            if ctx.closed or ctx.swapped is not None or self._sink.copies_pending():
+                return 0
+            with self._flight:
+                if ctx.in_flight:
+                    return 0
+            indexes = [i for i, page in enumerate(ctx.pages) if self._pool.refcount(page) == 1]
+            if not indexes:
+                return 0
+            pages = [ctx.pages[i] for i in indexes]
+            ctx.swapped = SwappedPages(indexes, save(pages))
+            self._pool.release(ctx.owner, pages)
+            for i in indexes:
+                ctx.pages[i] = SWAPPED
+            self.swapped_pages += len(pages)
+            return len(pages)
+
+    def _resident(self, ctx: KvContext) -> None:
+        """Brings a swapped-out context back (lock held): new pages, their KV restored before
+        the next batch. Raises PoolExhaustedError or QuotaExceededError with nothing changed."""
+        swapped = ctx.swapped
+        if swapped is None:
+            return
+        fresh = self._pool.allocate(ctx.owner, len(swapped.indexes))
+        for i, page in zip(swapped.indexes, fresh, strict=True):
+            ctx.pages[i] = page
+        self._sink.queue_restore(fresh, swapped.data)
+        ctx.swapped = None
+        self.swapped_pages -= len(fresh)
+
+    def _drop_swapped(self, ctx: KvContext) -> None:
+        """Forgets a closing context's pages in host memory (lock held)."""
+        if ctx.swapped is not None:
+            self.swapped_pages -= len(ctx.swapped.indexes)
+            ctx.pages = [p for p in ctx.pages if p != SWAPPED]
+            ctx.swapped = None
+
     # ---- internals ----------------------------------------------------------------------------
+    def _pages_missing(self, ctx: KvContext, end: int) -> int:
+        ps = self.page_size
+        partial = ctx.length // ps if ctx.length % ps else None
+        cow = (
+            end > ctx.length
+            and partial is not None
+            and ctx.pages[partial] != SWAPPED
+            and self._pool.refcount(ctx.pages[partial]) > 1
+        )
+        swapped = len(ctx.swapped.indexes) if ctx.swapped is not None else 0
+        return max(0, self._pages_for(end) - len(ctx.pages)) + int(cow) + swapped
+
     def _grow(self, ctx: KvContext, end: int) -> None:
         """Make ctx.pages cover slots [0, end) and own the page slot `length` is written to.
 

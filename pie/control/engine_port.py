@@ -28,3 +28,7 @@ class EnginePort(Protocol):
     def copy_pages(self, pairs: list[tuple[int, int, int]]) -> None:
         """For each (src, dst, n_slots), copy the first n_slots of page src into page dst."""
         ...
+
+    # Optional (preemption swaps pages out only where an engine has them):
+    #   save_pages(pages) -> data: a host-memory copy of the pages' KV
+    #   load_pages(pages, data): writes such a copy into (other) pages

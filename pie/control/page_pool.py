@@ -1,15 +1,18 @@
 """The KV page pool: which pages are free, who holds references on the others, and how many.
 
-Pure mechanism. Quota values are set by the caller; who may take pages when is decided above
-(contexts, scheduler). A page is free exactly when no owner holds a reference on it; fork and
-import add references, so a shared page is freed by its last holder.
+Pure mechanism. Quota values and set-asides are set by the caller; who may take pages when is
+decided above (contexts, scheduler). A page is free exactly when no owner holds a reference on
+it; fork and import add references, so a shared page is freed by its last holder.
+
+A set-aside (`set_aside`, a launch's claimed budget) keeps free pages for one owner: the others
+may take only the free pages beyond what every other owner's set-aside still lacks.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pie.control.errors import (
     IntegrityError,
@@ -39,6 +42,8 @@ class PagePool:
         self._refs: list[int] = [0] * num_pages  # total references per page, all owners
         self._held: dict[OwnerId, dict[int, int]] = {}  # owner -> page -> references it holds
         self._quota: dict[OwnerId, int] = {}
+        self._aside: dict[OwnerId, int] = {}  # pages set aside per owner (its claimed budget)
+        self._free_listeners: list[Callable[[], None]] = []
 
     # ---- queries ------------------------------------------------------------------------------
     @property
@@ -65,6 +70,16 @@ class PagePool:
         with self._lock:
             return self._quota.get(owner)
 
+    def available(self, owner: OwnerId) -> int:
+        """Free pages `owner` may take now: the free ones, less what others have set aside."""
+        with self._lock:
+            return len(self._free) - self._owed(but=owner)
+
+    def add_free_listener(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` (outside the pool's lock) whenever pages become free: the
+        scheduler retries the forwards waiting for pages."""
+        self._free_listeners.append(listener)
+
     # ---- changes ------------------------------------------------------------------------------
     def set_quota(self, owner: OwnerId, max_pages: int | None) -> None:
         """Cap the distinct pages `owner` may hold references on (None: no cap).
@@ -79,6 +94,25 @@ class PagePool:
             else:
                 self._quota[owner] = max_pages
 
+    def set_aside(self, owner: OwnerId, pages: int) -> None:
+        """Keeps `pages` pages for `owner` from now on (0: none): pages it holds count toward
+        them, and no other owner can take the rest. Raises PoolExhaustedError, with nothing
+        set aside, if the free pages not set aside for others cannot cover it."""
+        if pages < 0:
+            raise InvalidRequestError(f"cannot set aside {pages} pages; ask for zero or more")
+        with self._lock:
+            lacking = max(0, pages - len(self._held.get(owner, ())))
+            free = len(self._free) - self._owed(but=owner)
+            if lacking > free:
+                raise PoolExhaustedError(
+                    f"KV pool exhausted: cannot set aside {pages} pages, {free} of "
+                    f"{self.num_pages} are free and not set aside for others"
+                )
+            if pages:
+                self._aside[owner] = pages
+            else:
+                self._aside.pop(owner, None)
+
     def allocate(self, owner: OwnerId, n: int) -> list[int]:
         """Take `n` free pages for `owner` (one reference each), in free-queue order.
 
@@ -88,10 +122,16 @@ class PagePool:
             raise InvalidRequestError(f"cannot allocate {n} pages; ask for zero or more")
         with self._lock:
             self._check_quota(owner, n)
-            if n > len(self._free):
+            free = len(self._free) - self._owed(but=owner)
+            if n > free:
+                aside = (
+                    f" ({len(self._free) - free} set aside for others)"
+                    if free < len(self._free)
+                    else ""
+                )
                 raise PoolExhaustedError(
-                    f"KV pool exhausted: {len(self._free)} of {self.num_pages} pages free, "
-                    f"{n} requested; free pages (close or truncate contexts) or raise --kv-pages"
+                    f"KV pool exhausted: {free} of {self.num_pages} pages free{aside}, {n} "
+                    "requested; free pages (close or truncate contexts) or raise --kv-pages"
                 )
             pages = [self._free.popleft() for _ in range(n)]
             held = self._held.setdefault(owner, {})
@@ -133,15 +173,26 @@ class PagePool:
                         f"owner {owner} releases page {page} {count} time(s) but holds "
                         f"{held.get(page, 0)} reference(s); release only pages it holds"
                     )
-            return [p for p, count in wanted.items() if self._drop(owner, p, count)]
+            freed = [p for p, count in wanted.items() if self._drop(owner, p, count)]
+        if freed:
+            self._tell_freed()
+        return freed
 
     def release_owner(self, owner: OwnerId) -> int:
-        """Drop every reference `owner` holds (its instance ended); returns pages freed."""
+        """Drop every reference `owner` holds (its instance ended) and its set-aside; returns
+        pages freed."""
         with self._lock:
             held = dict(self._held.get(owner, {}))
             freed = sum(self._drop(owner, page, count) for page, count in held.items())
             self._held.pop(owner, None)
-            return freed
+            aside = self._aside.pop(owner, 0)
+        if freed or aside:
+            self._tell_freed()
+        return freed
+
+    def _tell_freed(self) -> None:
+        for listener in self._free_listeners:
+            listener()
 
     def check_integrity(self) -> None:
         """Raise IntegrityError unless free + referenced == total and refcounts match holders."""
@@ -167,6 +218,14 @@ class PagePool:
                     )
 
     # ---- internals (lock held) ----------------------------------------------------------------
+    def _owed(self, but: OwnerId) -> int:
+        """Free pages kept for owners other than `but`: what their set-asides still lack."""
+        return sum(
+            max(0, pages - len(self._held.get(owner, ())))
+            for owner, pages in self._aside.items()
+            if owner != but
+        )
+
     def _drop(self, owner: OwnerId, page: int, count: int) -> bool:
         """Remove `count` of `owner`'s references on `page`; True if the page became free."""
         held = self._held[owner]

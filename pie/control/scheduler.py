@@ -11,6 +11,11 @@ never more than the last step took: missing a step costs a straggler one step) a
 ended or after the last of them arrived. Without it, N decoders split into a step of one and a
 step of N-1 and stay split, doubling the steps. A lone decoder never waits (it is the only one
 answered, and its forward is already queued), nor does a step the queue already fills.
+
+A forward that finds the page pool short does not fail at once: it waits in a queue for pages
+(higher priority first, then first come first served; a newcomer that needs pages queues
+behind the waiters, so a stream of small requests cannot starve a big one), is admitted when
+pages free up, and fails with the pool's error after `page_wait_s`.
 """
 
 from __future__ import annotations
@@ -18,24 +23,38 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
-from pie.control.batching import Chunk, PendingForward, plan_batch
+from pie.control.batching import Chunk, PendingForward, plan_batch, resolve
 from pie.control.context import ContextManager, KvContext
 from pie.control.engine_port import EnginePort
 from pie.control.errors import (
     ControlError,
     ForwardCancelledError,
     InvalidRequestError,
+    PoolExhaustedError,
     SchedulerStoppedError,
 )
 from pie.control.forward import ForwardRequest, build_sequence, check_request
+from pie.control.pacing import DECODE_LATENCY_FACTOR, LONG_PROMPT_STEPS, PrefillPacer
+from pie.control.page_waits import PageWaiting, PageWaitQueue
 from pie.engine.errors import EngineError
 from pie.engine.request import ForwardBatch, SampleResult
 
 CopyOp = tuple[int, int, int]  # (src page, dst page, slots to copy)
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """Swapped-out KV written back into new pages (queued with the copies, run in order)."""
+
+    pages: list[int]
+    data: Any
+
+
+PageOp = CopyOp | Restore
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +74,11 @@ class SchedulerStats:
     mean_sequences_per_step: float
     mean_tokens_per_step: float
     queue_depth: int  # forwards waiting (or partly run) now
+    page_waits: int  # forwards waiting for KV pages now
     gather_seconds: float  # engine time spent waiting for answered contexts to come back
 
 
-class BatchScheduler:
+class BatchScheduler(PageWaiting):
     """Owns the engine thread. Submit from any thread; results arrive through futures."""
 
     def __init__(
@@ -68,6 +88,10 @@ class BatchScheduler:
         max_batch_sequences: int = 256,
         decode_tokens: int = 16,
         gather_gap_s: float = 0.01,
+        page_wait_s: float = 60.0,
+        decode_latency_factor: float | None = DECODE_LATENCY_FACTOR,
+        long_prompt_tokens: int | None = None,
+        max_swapped_pages: int | None = None,
     ) -> None:
         for name, value in [
             ("max_batch_tokens", max_batch_tokens),
@@ -78,6 +102,8 @@ class BatchScheduler:
                 raise InvalidRequestError(f"{name} must be at least 1, got {value}")
         if gather_gap_s < 0:
             raise InvalidRequestError(f"gather_gap_s must be 0 or more, got {gather_gap_s}")
+        if page_wait_s < 0:
+            raise InvalidRequestError(f"page_wait_s must be 0 or more, got {page_wait_s}")
         self.engine = engine
         self.page_size = engine.page_size
         self.max_batch_tokens = max_batch_tokens
@@ -90,7 +116,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._waiting: list[PendingForward] = []  # FCFS; partly run forwards keep their place
         self._running: list[Chunk] = []  # the step now inside the engine
-        self._copies: list[CopyOp] = []
+        self._copies: list[PageOp] = []
         self._unsettled: dict[KvContext, int] = {}  # forwards per context not yet settled
         # Contexts the last step answered that have not sent their next forward yet, and when
         # the last of them came back (or the step ended): see the module docstring.
@@ -102,6 +128,28 @@ class BatchScheduler:
         self._stopping = False
         self._step_listeners: list[Callable[[StepInfo | None], None]] = []
         self._steps = self._forwards = self._tokens = self._sequences = 0
+        # Forwards waiting for pages (see the module docstring); 0 s: fail at once instead.
+        self.page_wait_s = page_wait_s
+        self._page_waits = PageWaitQueue()
+        # Pages came free, or a waiter arrived (the engine thread's wait must learn its
+        # deadline), since the page waiters were last tried.
+        self._retry_pages = False
+        self._priority: dict[int, int] = {}  # owner -> priority (default 0)
+        # Host memory for pages swapped out by preemption, in pages (default: the pool's size;
+        # 0: no preemption), and how many pages preemption has swapped out so far.
+        self.max_swapped_pages = (
+            engine.num_pages if max_swapped_pages is None else max_swapped_pages
+        )
+        self.preempted_pages = 0
+        # Prompts longer than `long_prompt_tokens` (default: four steps' budget) go beside
+        # decoders at a pace that keeps their steps within `decode_latency_factor` times a
+        # decode-only step (None: the token budget alone); see pacing.py.
+        self.pacer = PrefillPacer(decode_latency_factor)
+        self.long_prompt_tokens = (
+            LONG_PROMPT_STEPS * max_batch_tokens
+            if long_prompt_tokens is None
+            else long_prompt_tokens
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -119,8 +167,12 @@ class BatchScheduler:
         with self._cond:
             self._stopping = True
             victims = self._retire(self._waiting)
+            waits = self._drop_page_waits(None)
             self._cond.notify_all()  # wake the engine thread even with nothing queued
-        self._settle(victims, error=SchedulerStoppedError("the scheduler stopped before it ran"))
+        stopped = SchedulerStoppedError("the scheduler stopped before it ran")
+        self._settle(victims, error=stopped)
+        for wait in waits:
+            resolve(wait.future, None, stopped)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -133,7 +185,17 @@ class BatchScheduler:
     def bind_contexts(self, contexts: ContextManager) -> None:
         if self._contexts is not None and self._contexts is not contexts:
             raise ControlError("this scheduler already serves another ContextManager")
+        if self._contexts is None:
+            contexts.pool.add_free_listener(self._on_pages_freed)
         self._contexts = contexts
+
+    def set_priority(self, owner: int, priority: int) -> None:
+        """Rank of `owner`'s forwards in the wait for pages (higher first; default 0)."""
+        with self._cond:
+            if priority:
+                self._priority[owner] = priority
+            else:
+                self._priority.pop(owner, None)
 
     # ---- calls from inferlet threads ----------------------------------------------------------
     def submit(self, request: ForwardRequest) -> Future[list[SampleResult]]:
@@ -149,27 +211,41 @@ class BatchScheduler:
             future: Future[list[SampleResult]] = Future()
             futures.append(future)
             try:
-                admitted.append(self._admit(request, future))
+                if self._behind_page_waiters(request):
+                    self._wait_for_pages(request, future)
+                else:
+                    admitted.append(self._admit(request, future))
+            except PoolExhaustedError as exc:
+                if self.page_wait_s > 0 and self._others_could_free(request):
+                    self._wait_for_pages(request, future)
+                else:
+                    future.set_exception(exc)
             except (ControlError, EngineError) as exc:
                 future.set_exception(exc)
+        self._enqueue(admitted)
+        return futures
+
+    def _enqueue(self, admitted: list[PendingForward], counted: bool = False) -> None:
+        """Queues admitted forwards for the next steps (`counted`: already in `_unsettled`,
+        as forwards that waited for pages are)."""
         if not admitted:
-            return futures
+            return
         with self._cond:
             if not self._stopping:
                 for forward in admitted:
                     ctx = forward.context
                     self._waiting.append(forward)
-                    self._unsettled[ctx] = self._unsettled.get(ctx, 0) + 1
+                    if not counted:
+                        self._unsettled[ctx] = self._unsettled.get(ctx, 0) + 1
                     if ctx in self._answered:
                         self._answered.discard(ctx)
                         self._last_return = time.monotonic()
                 self._cond.notify_all()
-                return futures
+                return
         for forward in admitted:
             forward.future.set_exception(
                 SchedulerStoppedError("the scheduler stopped; the forward won't run")
             )
-        return futures
 
     def cancel_owner(self, owner: int) -> int:
         """Fail `owner`'s queued forwards and wait until none of its forwards is in the engine.
@@ -178,9 +254,14 @@ class BatchScheduler:
         """
         with self._cond:
             victims = self._retire([f for f in self._waiting if f.context.owner == owner])
+            waits = self._drop_page_waits(owner)
+            self._priority.pop(owner, None)
             self._answered = {c for c in self._answered if c.owner != owner}
             self._cond.notify_all()  # a gathering step stops waiting for this owner
-        self._settle(victims, error=ForwardCancelledError(f"instance {owner} was cancelled"))
+        cancelled = ForwardCancelledError(f"instance {owner} was cancelled")
+        self._settle(victims, error=cancelled)
+        for wait in waits:
+            resolve(wait.future, None, cancelled)
         with self._cond:
             if threading.current_thread() is not self._thread:  # a future callback: step is over
                 self._cond.wait_for(
@@ -208,6 +289,16 @@ class BatchScheduler:
                 raise ControlError("forwards are queued but the scheduler is not running; start()")
             self._cond.wait_for(idle)
 
+    def queue_restore(self, pages: list[int], data: Any) -> None:
+        """Swapped-out KV back into `pages`, before the next batch (and any later copy)."""
+        with self._cond:
+            self._copies.append(Restore(list(pages), data))
+            self._cond.notify_all()
+
+    def copies_pending(self) -> bool:
+        with self._cond:
+            return bool(self._copies)
+
     def queue_copies(self, pairs: list[CopyOp]) -> None:
         """Copy-on-write page copies, run before the next batch (before any later forward)."""
         with self._cond:
@@ -225,6 +316,7 @@ class BatchScheduler:
                 mean_sequences_per_step=self._sequences / steps,
                 mean_tokens_per_step=self._tokens / steps,
                 queue_depth=len(self._waiting),
+                page_waits=len(self._page_waits),
                 gather_seconds=self._gathered,
             )
 
@@ -232,8 +324,14 @@ class BatchScheduler:
     def _loop(self) -> None:
         """The hub: wait for work, run CoW copies, one engine step, resolve its futures."""
         try:
-            while (work := self._next_work()) is not None:
+            while True:
+                self._retry_page_waits()
+                work = self._next_work()
+                if work is None:
+                    break
                 copies, chunks = work
+                if not copies and not chunks:
+                    continue  # woken for the page waiters only
                 if copies:
                     chunks = self._copy_pages(copies, chunks)
                 error = self._execute(chunks) if chunks else None
@@ -254,10 +352,15 @@ class BatchScheduler:
                 listener(None)
             raise
 
-    def _next_work(self) -> tuple[list[CopyOp], list[Chunk]] | None:
+    def _next_work(self) -> tuple[list[PageOp], list[Chunk]] | None:
         """Block until there is work; take the queued copies and plan the next batch."""
         with self._cond:
-            self._cond.wait_for(lambda: self._waiting or self._copies or self._stopping)
+            self._cond.wait_for(
+                lambda: self._waiting or self._copies or self._stopping or self._retry_pages,
+                timeout=self._page_waits.next_deadline(),
+            )
+            if not (self._waiting or self._copies or self._stopping):
+                return [], []  # pages came free, or a page waiter's deadline passed
             self._gather()
             if self._stopping:
                 return None
@@ -265,7 +368,14 @@ class BatchScheduler:
             # forward itself, so it runs in this round or an earlier one, never after.
             copies, self._copies = self._copies, []
             chunks = plan_batch(
-                self._waiting, self.max_batch_tokens, self.max_batch_sequences, self.decode_tokens
+                self._waiting,
+                self.max_batch_tokens,
+                self.max_batch_sequences,
+                self.decode_tokens,
+                self.pacer.prefill_tokens(
+                    any(f.remaining <= self.decode_tokens for f in self._waiting)
+                ),
+                self.long_prompt_tokens,
             )
             assert chunks or not self._waiting, "plan_batch stalled on a non-empty queue"
             self._waiting = [f for f in self._waiting if f.remaining > 0]
@@ -287,18 +397,33 @@ class BatchScheduler:
         self._gathered += time.monotonic() - began
 
     def _full(self) -> bool:
-        """Whether the queue already fills a step: waiting longer cannot make it bigger."""
-        if sum(f.remaining for f in self._waiting) >= self.max_batch_tokens:
+        """Whether the queue already fills a step: waiting longer cannot make it bigger.
+        While decoders are active long prompts go at the pace, so they do not fill it."""
+        paced = self.pacer.pacing()
+        long = self.long_prompt_tokens
+        queued = sum(f.remaining for f in self._waiting if not (paced and len(f.seq.tokens) > long))
+        if queued >= self.max_batch_tokens:
             return True
         return len({f.context for f in self._waiting}) >= self.max_batch_sequences
 
-    def _copy_pages(self, copies: list[CopyOp], chunks: list[Chunk]) -> list[Chunk]:
-        """Run the copies; if they fail, fail the forwards reading their destination pages."""
+    def _copy_pages(self, ops: list[PageOp], chunks: list[Chunk]) -> list[Chunk]:
+        """Run the copies and restores in order; if they fail, fail the forwards reading the
+        pages they write."""
         try:
-            self.engine.copy_pages(copies)
+            run: list[CopyOp] = []
+            for op in ops:
+                if isinstance(op, Restore):
+                    if run:
+                        self.engine.copy_pages(run)
+                        run = []
+                    self.engine.load_pages(op.pages, op.data)  # type: ignore[attr-defined]
+                else:
+                    run.append(op)
+            if run:
+                self.engine.copy_pages(run)
             return chunks
         except Exception as exc:
-            broken = {dst for _, dst, _ in copies}
+            broken = {p for op in ops for p in (op.pages if isinstance(op, Restore) else [op[1]])}
             with self._cond:
                 readers = self._waiting + [c.forward for c in chunks]
                 victims = self._retire([f for f in readers if broken & set(f.seq.page_ids)])
@@ -313,6 +438,9 @@ class BatchScheduler:
         try:
             result = self.engine.execute(ForwardBatch([c.seq for c in chunks]))
             self._last_step_s = time.monotonic() - began
+            decodes = [len(c.forward.seq.tokens) <= self.decode_tokens for c in chunks]
+            prefill = sum(len(c.seq.tokens) for c, d in zip(chunks, decodes, strict=True) if not d)
+            self.pacer.observe(sum(decodes), prefill, self._last_step_s)
             counts = [len(outs) for outs in result.outputs]
             if counts != [len(c.out_slots) for c in chunks]:
                 raise ControlError(f"the engine broke its contract: output counts {counts}")
@@ -341,7 +469,7 @@ class BatchScheduler:
             self._settle(finished, error=error)
             return
         for forward in finished:  # every output slot was filled by one of its chunks
-            _resolve(forward.future, cast(list[SampleResult], forward.results), None)
+            resolve(forward.future, cast(list[SampleResult], forward.results), None)
 
     # ---- bookkeeping (lock held) --------------------------------------------------------------
     def _retire(self, forwards: Iterable[PendingForward]) -> list[PendingForward]:
@@ -352,6 +480,8 @@ class BatchScheduler:
         fresh = [f for f in forwards if not f.settled]
         for forward in fresh:
             forward.settled = True
+            if self._contexts is not None:
+                self._contexts.settled(forward.context)
             left = self._unsettled.pop(forward.context) - 1
             if left:
                 self._unsettled[forward.context] = left
@@ -364,7 +494,7 @@ class BatchScheduler:
     @staticmethod
     def _settle(forwards: list[PendingForward], error: BaseException) -> None:
         for forward in forwards:
-            _resolve(forward.future, None, error)
+            resolve(forward.future, None, error)
 
     def _admit(self, request: ForwardRequest, future: Future[list[SampleResult]]) -> PendingForward:
         """Check the request, reserve its slots and snapshot what it reads; undo on rejection."""
@@ -390,17 +520,3 @@ class BatchScheduler:
             contexts.unreserve(ctx, start, start + n)
             raise
         return PendingForward(seq, ctx, future, splittable, [None] * len(seq.outputs))
-
-
-def _resolve(
-    future: Future[list[SampleResult]],
-    result: list[SampleResult] | None,
-    error: BaseException | None,
-) -> None:
-    try:
-        if error is None:
-            future.set_result(cast(list[SampleResult], result))
-        else:
-            future.set_exception(error)
-    except InvalidStateError:
-        pass  # the caller cancelled the future: nobody waits for the result

@@ -254,6 +254,25 @@ class Engine:
         for src, dst, n in pairs:
             self.kv_cache[:, :, dst, :n] = self.kv_cache[:, :, src, :n]
 
+    def save_pages(self, pages: list[int]) -> torch.Tensor:
+        """A host-memory copy of `pages`' KV (a preempted context's, swapped out)."""
+        self._check_pages(pages)
+        index = torch.tensor(pages, dtype=torch.long, device=self.kv_cache.device)
+        return self.kv_cache.index_select(2, index).to("cpu", copy=True)
+
+    def load_pages(self, pages: list[int], data: torch.Tensor) -> None:
+        """Writes a `save_pages` copy into `pages` (a swapped context coming back)."""
+        self._check_pages(pages)
+        if data.shape[2] != len(pages):
+            raise InvalidBatchError(f"{data.shape[2]} saved pages for {len(pages)} page ids")
+        index = torch.tensor(pages, dtype=torch.long, device=self.kv_cache.device)
+        self.kv_cache.index_copy_(2, index, data.to(self.kv_cache.device))
+
+    def _check_pages(self, pages: list[int]) -> None:
+        bad = [p for p in pages if not 0 <= p < self.num_pages]
+        if bad:
+            raise InvalidBatchError(f"pages {bad[:4]} outside the pool of {self.num_pages}")
+
 
 def _make_backend(name: str) -> AttentionBackend:
     if name == "triton":

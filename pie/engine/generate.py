@@ -45,6 +45,16 @@ def generate(
     samplers = [sampler] * len(prompts) if not isinstance(sampler, Sequence) else list(sampler)
     if len(samplers) != len(prompts):
         raise ValueError(f"{len(samplers)} samplers for {len(prompts)} prompts")
+    # Every check before the first forward: a prompt that cannot fit fails at once, not after
+    # its first chunks were computed. The context first: more pages would not help it.
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise InvalidBatchError(f"prompt {i} is empty")
+        if len(prompt) + max_new_tokens > engine.max_position:
+            raise InvalidBatchError(
+                f"prompt {i} is {len(prompt):,} tokens; with {max_new_tokens:,} new ones it needs "
+                f"{len(prompt) + max_new_tokens:,}, the model's context is {engine.max_position:,}"
+            )
     page_size = engine.page_size
     need = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
     if need > engine.num_pages:
@@ -54,8 +64,6 @@ def generate(
     free = list(range(engine.num_pages))
     running = []
     for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise InvalidBatchError(f"prompt {i} is empty")
         n_pages = -(-(len(prompt) + max_new_tokens) // page_size)
         running.append(_Running(i, [free.pop() for _ in range(n_pages)], 0, list(prompt)))
 

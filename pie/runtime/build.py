@@ -39,6 +39,9 @@ class WitWorld(wit_world.WitWorld):
     def run(self, input: str) -> str:
         return run_inferlet(_inferlet, input, SOURCE)
 '''
+# A build runs the module's top level (componentize-py snapshots it initialised); a module that
+# never finishes importing must not hang `pie build` or a server's upload. A build takes 5-10 s.
+BUILD_TIMEOUT_S = 120.0
 _PIE_INIT = '"""Pie for Python, as bundled into an inferlet: only the SDK."""\n'
 
 
@@ -82,12 +85,24 @@ def check_syntax(source: Path) -> None:
         raise BuildError(f"SyntaxError: {e.msg}", f"{source}:{e.lineno}") from None
 
 
+def build_timeout() -> float:
+    """$PIE_BUILD_TIMEOUT_S, else BUILD_TIMEOUT_S."""
+    value = os.environ.get("PIE_BUILD_TIMEOUT_S")
+    try:
+        return float(value) if value else BUILD_TIMEOUT_S
+    except ValueError:
+        raise BuildError(f"PIE_BUILD_TIMEOUT_S={value!r} is not a number of seconds") from None
+
+
 def build_inferlet(
-    source: str | os.PathLike[str], output: str | os.PathLike[str] | None = None
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None = None,
+    timeout_s: float | None = None,
 ) -> Path:
     """Builds `source` (a .py inferlet) into a component; returns the path of the .wasm.
 
     With `output`, the component is also copied there. Cached under `cache_dir()/components`.
+    A build that runs past `timeout_s` (default `build_timeout()`) is stopped with a BuildError.
     """
     src = Path(source).resolve()
     if not src.is_file():
@@ -96,7 +111,7 @@ def build_inferlet(
     cached = cache_dir() / "components" / f"{source_hash(src)}.wasm"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        _componentize(src, cached)
+        _componentize(src, cached, build_timeout() if timeout_s is None else timeout_s)
     if output is not None:
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +120,7 @@ def build_inferlet(
     return cached
 
 
-def _componentize(src: Path, target: Path) -> None:
+def _componentize(src: Path, target: Path, timeout_s: float) -> None:
     module = module_name(src)
     with tempfile.TemporaryDirectory(prefix="pie-build-") as tmp:
         stage = Path(tmp)
@@ -126,7 +141,17 @@ def _componentize(src: Path, target: Path) -> None:
             "-d", str(wit_dir()), "-w", WORLD, "componentize", ENTRY_MODULE,
             "-p", str(stage), "-o", str(partial),
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, cwd=stage)
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, cwd=stage, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired:  # run() has killed componentize-py
+            raise BuildError(
+                f"the build did not finish within {timeout_s:g} s: the module's top level runs "
+                "during the build (it is snapshotted initialised), and it has not returned; move "
+                "long work into main() (or raise $PIE_BUILD_TIMEOUT_S)",
+                str(src),
+            ) from None
         if done.returncode != 0 or not partial.exists():
             raise _build_error(done.stdout + done.stderr, stage / f"{module}.py", src)
         # Atomic publish: concurrent builds of one source never see a half-written file.

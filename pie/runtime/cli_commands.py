@@ -8,46 +8,91 @@ starts the runtime, streams what the inferlet sends to the terminal and prints i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import logging
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from pie.runtime.errors import BuildError, InferletError, InstanceFailed
+from pie.cli_errors import HelpFormatter, UsageError, checked_device, step
 from pie.runtime.limits import InstanceLimits
+
+RUN_EXAMPLES = """examples:
+  pie run inferlets/text_completion.py -- "What is the capital of France?"
+  pie run inferlets/text_completion.py --model llama.gguf --device cuda -- "Hi"
+  pie run --native inferlets/text_completion.py -- "Hi"   # plain Python: breakpoints work
+  pie run program.wasm --server http://host:8080 --token T -- args"""
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The engine's options, the same in `pie run` and `pie generate` (`pie serve` has them too,
+    defaulting from its config file)."""
+    parser.add_argument(
+        "--model", default=None, help="GGUF file or HF folder (default: the embedded SmolLM2-135M)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights and KV cache (default auto: the fastest for the device)",
+    )
+    parser.add_argument(
+        "--kv-pages",
+        type=int,
+        default=None,
+        help="KV-cache pages of 16 tokens (default: sized to memory and the model's context)",
+    )
 
 
 def add_runtime_commands(subparsers: Any) -> None:
     """Adds `build` and `run` to the `pie` command's subparsers."""
-    build = subparsers.add_parser("build", help="build a Python inferlet into a wasm component")
+    build = subparsers.add_parser(
+        "build",
+        help="compile a Python inferlet to a WebAssembly component",
+        description="Build a Python inferlet into a wasm component (cached by content hash; "
+        "`pie run` builds on its own, this writes the .wasm for `pie run X.wasm` or a server).",
+        epilog="example:\n  pie build inferlets/text_completion.py -o text_completion.wasm",
+        formatter_class=HelpFormatter,
+    )
     build.add_argument("source", help="the inferlet (.py)")
-    build.add_argument("-o", "--output", default=None, help="where to write the .wasm")
+    build.add_argument(
+        "-o", "--output", default=None, help="where to write the .wasm (default: beside source)"
+    )
+    build.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of errors")
     build.set_defaults(handler=_build)
 
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--native", action="store_true", help="run as plain Python, no sandbox")
-    options.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
-    options.add_argument("--device", default="cpu")
-    options.add_argument("--kv-pages", type=int, default=1024)
+    add_model_options(options)
     options.add_argument(
         "--workers",
         type=int,
         default=None,
         help="worker processes for wasm instances (default: one per CPU; 0: in this process)",
     )
-    options.add_argument("--memory-mb", type=int, default=512, help="guest linear memory limit")
+    options.add_argument(
+        "--memory-mb", type=int, default=None, help="guest linear memory limit (default 512)"
+    )
     options.add_argument("--cpu-seconds", type=float, default=60.0, help="guest CPU-time limit")
     options.add_argument("--wall-seconds", type=float, default=3600.0, help="wall-time limit")
-    options.add_argument("--verbose", "-v", action="store_true", help="log the runtime's work")
+    options.add_argument(
+        "--verbose", "-v", action="store_true", help="log the runtime's work; error tracebacks"
+    )
     options.add_argument("--server", default=None, help="run on a `pie serve` at this URL")
     options.add_argument("--token", default=None, help="the server's token (or $PIE_TOKEN)")
     run = subparsers.add_parser(
         "run",
         parents=[options],
-        help="run an inferlet (.py or .wasm) on a local model",
-        description="Run an inferlet: pie run inferlets/text_completion.py -- 'Hello!'",
+        help="run an inferlet (.py or .wasm) on a local model, or on a server",
+        description="Run an inferlet: build it if needed, load the model, stream what the "
+        "inferlet sends to stdout (stdin lines go to it), print its result.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=HelpFormatter,
     )
     run.add_argument("program", help="the inferlet: a .py file (built if needed) or a .wasm")
     # Options may also follow the program; everything after `--` goes to the inferlet.
@@ -58,12 +103,12 @@ def add_runtime_commands(subparsers: Any) -> None:
 def _build(args: argparse.Namespace) -> int:
     from pie.runtime.build import build_inferlet
 
+    source = Path(args.source)
+    if not source.is_file():
+        raise UsageError(f"no such file: {source}")
     started = time.perf_counter()
-    try:
-        out = build_inferlet(args.source, args.output or Path(args.source).with_suffix(".wasm"))
-    except BuildError as e:
-        print(f"pie build: {e}", file=sys.stderr)
-        return 1
+    with step(f"building {source}"):
+        out = build_inferlet(source, args.output or source.with_suffix(".wasm"))
     print(f"built {out} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
@@ -90,39 +135,64 @@ def _run(args: argparse.Namespace) -> int:
     )
     # Guest stdout/stderr reach the log tagged with the instance id: show them.
     logging.getLogger("pie.inferlet").setLevel(logging.INFO)
+    if not args.verbose:  # the failure is printed once, by the command, not also as a log line
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_drop_failure_note)
     program = Path(args.program)
     if not program.is_file():
-        print(f"pie run: no such file: {program}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no such file: {program}")
     if args.server:
         from pie.client.run import run_remote
 
         return run_remote(args, program)
-    try:
-        return _run_program(args, program)
-    except BuildError as e:
-        print(f"pie run: build failed: {e}", file=sys.stderr)
-        return 1
-    except InferletError as e:
-        print(f"pie run: {e}", file=sys.stderr)
-        return 1
+    if program.suffix == ".py":  # a syntax error shows at once, not after the model loads
+        from pie.runtime.build import check_syntax
+
+        check_syntax(program)
+    elif program.suffix == ".wasm":  # so does a file that is no WebAssembly at all
+        with program.open("rb") as f:
+            if f.read(4) != b"\0asm":
+                raise UsageError(f"{program} is not a WebAssembly component (no \\0asm header)")
+    checked_device(args.device)
+    return _run_program(args, program)
+
+
+def _drop_failure_note(record: logging.LogRecord) -> bool:
+    """The runtime notes each instance's end (`failed: ...`) on its log; `pie run` reports it."""
+    return not (record.name.startswith("pie.inferlet.") and record.msg == "failed: %s")
 
 
 def _run_program(args: argparse.Namespace, program: Path) -> int:
+    import torch
+
     from pie.engine.engine import Engine
+    from pie.runtime.errors import InstanceFailed
     from pie.runtime.runtime import Runtime
     from pie.runtime.session import QueueSession
 
+    if args.native and args.memory_mb is not None:
+        # Native code shares this process's heap: no limit can hold it (docs/api.md).
+        print("pie run: --memory-mb cannot apply with --native (no sandbox)", file=sys.stderr)
+        return 2
+    if program.suffix == ".py" and not args.native:  # build errors before the model loads
+        from pie.runtime.build import build_inferlet
+
+        with step(f"building {program} (cached once built)"):
+            build_inferlet(program)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     started = time.perf_counter()
-    engine = Engine.load(args.model, device=args.device, num_pages=args.kv_pages)
+    with step(f"loading {args.model or 'the embedded SmolLM2'} on {args.device}"):
+        engine = Engine.load(args.model, device=args.device, dtype=dtype, num_pages=args.kv_pages)
     loaded = time.perf_counter()
     limits = InstanceLimits(
-        memory_bytes=args.memory_mb * 2**20,
+        memory_bytes=(args.memory_mb or MEMORY_MB) * 2**20,
         cpu_seconds=args.cpu_seconds,
         wall_seconds=args.wall_seconds,
     )
     workers = 0 if args.native else args.workers  # native runs stay in this process anyway
-    with Runtime(engine, limits=limits, workers=workers) as runtime:
+    preparing = contextlib.ExitStack()  # a spinner until the program is ready to launch
+    preparing.enter_context(step("starting the runtime, loading the program"))
+    with preparing, Runtime(engine, limits=limits, workers=workers) as runtime:
         if program.suffix == ".wasm":
             if args.native:
                 print("pie run: --native needs the .py source, not a .wasm", file=sys.stderr)
@@ -131,23 +201,20 @@ def _run_program(args: argparse.Namespace, program: Path) -> int:
         else:
             digest = runtime.add_source(program, native=args.native)
         ready = time.perf_counter()
+        preparing.close()
         stream = _TerminalStream()
         session = QueueSession(on_text=stream.write, on_first_receive=lambda: _feed_stdin(session))
         instance = runtime.launch(digest, args.args, session=session, native=args.native)
         try:
             result = instance.wait()
         except KeyboardInterrupt:
-            instance.cancel("interrupted (Ctrl-C)")
-            instance.done.exception(10)
-            return 130
-        except InstanceFailed as e:
+            return _interrupted(instance, stream)
+        except InstanceFailed:
             stream.end_line()
-            print(f"pie run: {e}", file=sys.stderr)
-            return 1
+            raise  # cli_errors reports it: its last line, where in the program, exit 1
         finally:
             elapsed = time.perf_counter() - ready
-        streamed = session.text_of(instance.id)
-        if result and result != streamed:
+        if result and not stream.wrote(result):
             stream.end_line()
             print(result)
         else:
@@ -163,19 +230,57 @@ def _run_program(args: argparse.Namespace, program: Path) -> int:
     return 0
 
 
+MEMORY_MB = 512  # --memory-mb's default (with --native the flag is refused: no sandbox)
+STOP_GRACE_S = 1.0  # how long Ctrl-C waits for the program to end before leaving without it
+
+
+def _interrupted(instance: Any, stream: _TerminalStream) -> int:
+    """Ctrl-C: stops the program (a wait wakes at once, computing stops at its next check,
+    in wasm and natively) and ends with one line; a program that does not stop within
+    STOP_GRACE_S (native code swallowing the stop) is left behind: the process exits."""
+    instance.cancel("interrupted (Ctrl-C)")
+    stopped = True
+    try:
+        instance.done.exception(STOP_GRACE_S)
+    except (TimeoutError, KeyboardInterrupt):
+        stopped = False
+    stream.end_line()
+    if not stopped:
+        print("pie run: interrupted (Ctrl-C); the program did not stop, exiting", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
+    print("pie run: interrupted (Ctrl-C)", file=sys.stderr)
+    return 130
+
+
 class _TerminalStream:
-    """Writes streamed text to stdout as it arrives; remembers whether a line is open."""
+    """Writes streamed text to stdout as it arrives; remembers whether a line is open, and a
+    digest of what it wrote (a result equal to the stream is not printed twice; the text
+    itself is not kept, however much a program sends)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open_line = False
+        self._digest = hashlib.sha256()
+        self._length = 0
 
     def write(self, instance_id: int, text: str) -> None:
         with self._lock:
             sys.stdout.write(text)
             sys.stdout.flush()
+            data = text.encode("utf-8", "surrogatepass")
+            self._digest.update(data)
+            self._length += len(data)
             if text:
                 self._open_line = not text.endswith("\n")
+
+    def wrote(self, text: str) -> bool:
+        """Whether `text` is exactly what was streamed."""
+        data = text.encode("utf-8", "surrogatepass")
+        with self._lock:
+            return len(data) == self._length and hashlib.sha256(data).digest() == (
+                self._digest.digest()
+            )
 
     def end_line(self, force: bool = False) -> None:
         with self._lock:
@@ -186,10 +291,16 @@ class _TerminalStream:
 
 
 def _feed_stdin(session: Any) -> None:
-    """Lines typed on stdin become the client's messages (started on the first receive)."""
+    """Lines typed on stdin become the client's messages (started on the first receive); the
+    end of stdin closes the session's input, so `receive` raises `EndOfInput` in the program
+    instead of waiting until the wall-time limit."""
 
     def pump() -> None:
-        for line in sys.stdin:
-            session.put_text(line.rstrip("\n"))
+        try:
+            for line in sys.stdin:
+                session.put_text(line.rstrip("\n"))
+        except (OSError, ValueError):  # stdin closed or unreadable: that is its end too
+            pass
+        session.close_input()
 
     threading.Thread(target=pump, name="pie-stdin", daemon=True).start()

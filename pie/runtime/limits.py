@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The default page quota of an instance launched without `kv_pages`, as a share of the pool
+# (never less than one context of the model's full length: `plane.default_quota`).
+KV_SHARE = 0.5
+
 
 @dataclass(frozen=True, slots=True)
 class InstanceLimits:
@@ -17,7 +21,13 @@ class InstanceLimits:
     # Time the guest spends running (host waits on futures and messages do not count).
     cpu_seconds: float | None = 60.0
     wall_seconds: float | None = 3600.0
+    # KV pages the instance may hold; None: the runtime's default share of the pool.
     kv_pages: int | None = None
+    # Pages set aside for it at launch (a claimed budget, as Pie's `token_budget`): no other
+    # instance can take them, and the launch fails at once if the pool cannot.
+    kv_reserve: int = 0
+    # Rank in the wait for KV pages when the pool is short: higher goes first (default 0).
+    priority: int = 0
     open_handles: int = 4096
     # Children alive at once, and the depth of a launch chain (fork bombs stop here).
     max_children: int = 64
@@ -28,3 +38,6 @@ class InstanceLimits:
     # What the guest may write to stdout and stderr together (into the log); past it, the rest
     # is dropped and the instance is stopped.
     max_output_bytes: int | None = 16 * 2**20
+    # The result or error text an instance ends with: past it the head is kept and the rest
+    # cut, with a note of how much (the text goes to the client, the log and a terminal).
+    max_result_bytes: int = 4 * 2**20

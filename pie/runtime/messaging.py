@@ -5,19 +5,30 @@ Waiters are `concurrent.futures.Future`s, so a pull is a host future like a forw
 cancelled by its instance (discard, or the instance ended) leaves its queue at once, and a topic
 with nothing queued, waiting or subscribed is forgotten: no sequence of calls grows the bus.
 Unread messages count against one byte budget for the whole bus (queued messages outlive their
-sender), so a flood gets an error instead of the host's memory.
+sender, as a mailbox's do), so a flood gets an error instead of the host's memory. The budget
+counts what the host holds: a message's size in memory (a str of 4-byte characters costs 4
+bytes each), and each queue's own cost, so a spread of one-message topics is bounded too.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import sys
 import threading
 from collections import deque
 
 from pie.runtime.errors import HostError
 
 MAX_QUEUED = 65536  # messages waiting in one queue or one subscription
-MAX_BYTES = 256 * 2**20  # unread message text held by the whole bus
+MAX_BYTES = 256 * 2**20  # unread messages held by the whole bus, in bytes of host memory
+# What one more queue costs the host beyond its messages (its deque, the name, the dict entry):
+# measured 850 bytes with tracemalloc, rounded up.
+QUEUE_BYTES = 1024
+
+
+def cost(message: str) -> int:
+    """Bytes `message` takes in the host's memory (a str stores 1, 2 or 4 bytes a character)."""
+    return sys.getsizeof(message)
 
 
 def _deliver(waiters: deque[cf.Future[str]], message: str) -> bool:
@@ -66,7 +77,7 @@ class Subscription:
                 subscribers.discard(self)
                 if not subscribers:
                     del self.bus.subscribers[self.topic]
-            self.bus.held -= sum(len(m) for m in self.inbox)
+            self.bus.held -= sum(cost(m) for m in self.inbox)
             self.inbox.clear()
             waiters, self.waiters = list(self.waiters), deque()
         for waiter in waiters:
@@ -97,8 +108,12 @@ class MessageBus:
             queue = self.queues.get(topic)
             if queue is not None and len(queue) >= MAX_QUEUED:
                 raise HostError(f"queue {topic!r} holds {MAX_QUEUED} unread messages; pull first")
-            self._reserve(len(message))
-            self.queues.setdefault(topic, deque()).append(message)
+            if queue is None:
+                self._reserve(cost(message) + QUEUE_BYTES)
+                self.queues[topic] = queue = deque()
+            else:
+                self._reserve(cost(message))
+            queue.append(message)
 
     def pull(self, topic: str) -> cf.Future[str]:
         future: cf.Future[str] = cf.Future()
@@ -108,6 +123,7 @@ class MessageBus:
                 future.set_result(self.take(queue))
                 if not queue:
                     del self.queues[topic]
+                    self.held -= QUEUE_BYTES
             else:
                 self.pullers.setdefault(topic, deque()).append(future)
                 future.add_done_callback(lambda f: self._withdraw(topic, f))
@@ -127,10 +143,11 @@ class MessageBus:
         """Delivers to every current subscriber; returns how many there were."""
         with self.lock:
             subscribers = list(self.subscribers.get(topic, ()))
-            self._reserve(len(message) * len(subscribers))  # refunded for each one waiting
+            size = cost(message)
+            self._reserve(size * len(subscribers))  # refunded for each one waiting
             for sub in subscribers:
                 if _deliver(sub.waiters, message):
-                    self.held -= len(message)
+                    self.held -= size
                     continue
                 if len(sub.inbox) >= MAX_QUEUED:
                     self.take(sub.inbox)  # a subscriber that never reads loses the oldest
@@ -154,5 +171,5 @@ class MessageBus:
 
     def take(self, messages: deque[str]) -> str:
         message = messages.popleft()
-        self.held -= len(message)
+        self.held -= cost(message)
         return message

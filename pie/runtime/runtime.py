@@ -19,16 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import wasmtime
+
 from pie import __version__
 from pie.control.context import ContextManager
 from pie.control.exports import ExportRegistry
+from pie.control.pacing import DECODE_LATENCY_FACTOR
 from pie.control.page_pool import PagePool
 from pie.runtime.build import build_inferlet, cache_dir, source_hash
 from pie.runtime.errors import HostError, InstanceFailed, LaunchError
 from pie.runtime.host.control_port import ControlPort, LocalControl
 from pie.runtime.host.state import HostModel, HostServices, InstanceHost, Session
 from pie.runtime.instance import InferletInstance, Program
-from pie.runtime.limits import InstanceLimits
+from pie.runtime.limits import KV_SHARE, InstanceLimits
 from pie.runtime.messaging import MessageBus
 from pie.runtime.plane.plane import ControlPlane
 from pie.runtime.records import InstanceRecord
@@ -37,6 +40,8 @@ from pie.runtime.session import QueueSession
 from pie.runtime.workers.pool import WorkerPool, default_workers
 
 log = logging.getLogger(__name__)
+
+WASM_MAGIC = b"\0asm"
 
 
 class Runtime:
@@ -53,6 +58,8 @@ class Runtime:
         preopen_dirs: dict[str, str] | None = None,
         scheduler: Any = None,
         workers: int | None = None,
+        kv_share: float = KV_SHARE,
+        decode_latency_factor: float | None = DECODE_LATENCY_FACTOR,
     ) -> None:
         from pie.control.scheduler import BatchScheduler
 
@@ -61,12 +68,14 @@ class Runtime:
         self.max_instances = max_instances
         self.pool = PagePool(engine.num_pages)
         self.exports = ExportRegistry(self.pool)
-        self.scheduler = scheduler or BatchScheduler(engine, max_batch_tokens=max_batch_tokens)
+        self.scheduler = scheduler or BatchScheduler(
+            engine, max_batch_tokens=max_batch_tokens, decode_latency_factor=decode_latency_factor
+        )
         self.contexts = ContextManager(self.pool, self.exports, self.scheduler)
         self.scheduler.start()
         self.bus = MessageBus()
         self.plane = ControlPlane(
-            engine, self.pool, self.exports, self.contexts, self.scheduler, self.bus, self
+            engine, self.pool, self.exports, self.contexts, self.scheduler, self.bus, self, kv_share
         )
         self.model = HostModel.of(engine)
         self.services = HostServices(self.model, __version__)
@@ -97,7 +106,14 @@ class Runtime:
     def add_component(self, wasm: bytes | str | os.PathLike[str], name: str | None = None) -> str:
         """Registers a built component; returns its content hash (also usable as its name)."""
         data = wasm if isinstance(wasm, bytes) else Path(wasm).read_bytes()
-        digest, component = self.components.load(data)
+        where = "the component" if isinstance(wasm, bytes) else str(wasm)
+        if not data.startswith(WASM_MAGIC):  # wasmtime would try it as WAT text: "not utf-8"
+            raise LaunchError(f"{where} is not a WebAssembly component (no \\0asm header)")
+        try:
+            digest, component = self.components.load(data)
+        except wasmtime.WasmtimeError as e:
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
+            raise LaunchError(f"{where} is not a loadable inferlet component: {cause}") from None
         label = name or (Path(wasm).stem if not isinstance(wasm, bytes) else digest[:12])
         self._register(Program(digest, label, component=component), name, data)
         return digest
@@ -173,8 +189,8 @@ class Runtime:
                 parent=parent,
             )
             self._instances[record.id] = record
-        self.plane.register(record.id, record.session, record.limits.kv_pages)
         try:
+            self.plane.register(record.id, record.session, record.limits)
             if native or self.workers is None or prog.component is None:
                 self._start_here(record)
             else:

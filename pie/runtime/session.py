@@ -1,7 +1,9 @@
 """Client sessions: where an instance's `session.send` goes and its `receive` comes from.
 
 `QueueSession` is the in-process one (tests, `pie run`, the server wraps its connection the
-same way): sends go to callbacks and are recorded; the client side feeds text and blobs in.
+same way): sends go to callbacks, or with none are kept for the caller to read (the newest
+`keep_bytes` of them: a program sending in a loop to nobody must not grow the host); the
+client side feeds text and blobs in.
 """
 
 from __future__ import annotations
@@ -14,18 +16,37 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+# What a receive fails with once the client has closed its input and every value sent before
+# was taken. The text crosses processes and the WIT as an `err` string; the SDK recognizes it
+# by this prefix (`pie.sdk.io.END_OF_INPUT`) and raises `EndOfInput`.
+END_OF_INPUT = "end-of-input"
+
+
+class InputClosed(Exception):
+    """The client has closed its input: no more messages will come."""
+
+    def __init__(self) -> None:
+        super().__init__(f"{END_OF_INPUT}: the client closed its input; no more messages will come")
 
 
 class _Inbox(Generic[T]):
     """Values from the client, handed to receivers in order; a receiver cancelled by its
-    instance leaves at once (a loop of receive and discard must not grow the session)."""
+    instance leaves at once (a loop of receive and discard must not grow the session).
+    Once closed, the values already in it are still handed out; then every receive, pending
+    or later, fails with `InputClosed`."""
 
     def __init__(self, lock: threading.Lock) -> None:
-        self.lock = lock  # the session's, held by the callers of put and get
+        self.lock = lock  # the session's, held by the callers of put, get and close
         self.values: deque[T] = deque()
         self.waiters: deque[cf.Future[T]] = deque()
+        self.closed = False
 
     def put(self, value: T) -> None:
+        if self.closed:
+            raise InputClosed()
         while self.waiters:
             waiter = self.waiters.popleft()
             if waiter.set_running_or_notify_cancel():
@@ -37,10 +58,20 @@ class _Inbox(Generic[T]):
         future: cf.Future[T] = cf.Future()
         if self.values:
             future.set_result(self.values.popleft())
+        elif self.closed:
+            future.set_exception(InputClosed())
         else:
             self.waiters.append(future)
             future.add_done_callback(self._withdraw)
         return future
+
+    def close(self) -> None:
+        """No more values: pending receivers fail now (waiters hold no values, so none is lost)."""
+        self.closed = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if waiter.set_running_or_notify_cancel():
+                waiter.set_exception(InputClosed())
 
     def _withdraw(self, future: cf.Future[T]) -> None:
         if future.cancelled():  # never under `lock`: put skips cancelled waiters unwoken
@@ -49,8 +80,16 @@ class _Inbox(Generic[T]):
                     self.waiters.remove(future)
 
 
+KEEP_BYTES = 16 * 2**20  # unread sends a session without callbacks keeps, newest first
+
+
 class QueueSession:
-    """A client session in-process; thread-safe."""
+    """A client session in-process; thread-safe.
+
+    Sends with no callback to take them are kept in `sent` / `blobs` up to `keep_bytes` in
+    all; past that the oldest go (`dropped` counts them), as the server's backlog for a
+    detached client does.
+    """
 
     def __init__(
         self,
@@ -58,29 +97,52 @@ class QueueSession:
         on_blob: Callable[[int, bytes], Any] | None = None,
         on_first_receive: Callable[[], Any] | None = None,
         on_output: Callable[[int, str, str], Any] | None = None,
+        keep_bytes: int = KEEP_BYTES,
     ) -> None:
         self._lock = threading.Lock()
         self._on_text = on_text
         self._on_blob = on_blob
         self._on_first_receive = on_first_receive
         self._on_output = on_output
-        self.sent: list[tuple[int, str]] = []
-        self.blobs: list[tuple[int, bytes]] = []
+        self.keep_bytes = keep_bytes
+        self.sent: deque[tuple[int, str]] = deque()
+        self.blobs: deque[tuple[int, bytes]] = deque()
+        self.kept_bytes = 0
+        self.dropped = 0
         self._texts: _Inbox[str] = _Inbox(self._lock)
         self._blob_inbox: _Inbox[bytes] = _Inbox(self._lock)
 
     # ---- the instance's side ------------------------------------------------------------------
     def send_text(self, instance_id: int, text: str) -> None:
-        with self._lock:
-            self.sent.append((instance_id, text))
         if self._on_text is not None:
             self._on_text(instance_id, text)
+            return
+        with self._lock:
+            self.sent.append((instance_id, text))
+            self._kept(len(text))
 
     def send_blob(self, instance_id: int, data: bytes) -> None:
-        with self._lock:
-            self.blobs.append((instance_id, data))
         if self._on_blob is not None:
             self._on_blob(instance_id, data)
+            return
+        with self._lock:
+            self.blobs.append((instance_id, data))
+            self._kept(len(data))
+
+    def _kept(self, size: int) -> None:
+        """Counts a kept send; drops the oldest while past the budget (lock held)."""
+        self.kept_bytes += size
+        while self.kept_bytes > self.keep_bytes and (self.sent or self.blobs):
+            queue: deque[Any] = self.sent if self.sent else self.blobs
+            instance_id, item = queue.popleft()
+            self.kept_bytes -= len(item)
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning(
+                    "instance %d sends to a session nobody reads: keeping its newest %d bytes",
+                    instance_id,
+                    self.keep_bytes,
+                )
 
     def output(self, instance_id: int, stream: str, text: str) -> None:
         """A guest's stdout/stderr line: to `on_output`, else the log (`pie.inferlet.<id>`)."""
@@ -113,7 +175,15 @@ class QueueSession:
         with self._lock:
             self._blob_inbox.put(data)
 
+    def close_input(self) -> None:
+        """End of input (stdin reached its end): once the texts and blobs already put are
+        taken, the instance's receives fail with `InputClosed` (the SDK's `EndOfInput`).
+        Putting more afterwards raises `InputClosed`; closing twice is harmless."""
+        with self._lock:
+            self._texts.close()
+            self._blob_inbox.close()
+
     def text_of(self, instance_id: int) -> str:
-        """Everything instance `instance_id` sent, concatenated."""
+        """What instance `instance_id` sent and the session kept, concatenated."""
         with self._lock:
             return "".join(t for i, t in self.sent if i == instance_id)

@@ -2,8 +2,9 @@
 
 Inside a component these are componentize-py's bindings of the `pie:inferlet` world; under
 `pie run --native` the runtime installs stand-ins of the same modules that call the host
-in-process. Every binding raises `componentize_py_types.Err` for a WIT error; `call` turns it
-into `PieError`.
+in-process; imported anywhere else on the host (`help(pie.sdk)`, an editor, the reference
+docs), it installs them itself. Every binding raises `componentize_py_types.Err` for a WIT
+error; `call` turns it into `PieError`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from componentize_py_types import Err, Ok
-from wit_world.imports import forward, kv, messaging, model, poll, runtime, session
+try:
+    from componentize_py_types import Err, Ok
+    from wit_world.imports import forward, kv, messaging, model, poll, runtime, session
+except ImportError:  # on the host, outside `pie run`: `help()`, editors, the reference docs
+    # The same generated bindings, routed to the host as `--native` routes them: importing
+    # and reading the SDK works; a host call outside an inferlet says where it can run.
+    from pie.runtime.native import install
+
+    install()
+    from componentize_py_types import Err, Ok
+    from wit_world.imports import forward, kv, messaging, model, poll, runtime, session
 
 __all__ = [
     "Err",

@@ -21,6 +21,7 @@ from pie.sdk.sampler import Greedy, Sample, Sampler, from_wit
 
 # How many new tokens a watched delegated generation hands the program at a time.
 CHUNK_TOKENS = 16
+_U32_MAX = 2**32 - 1
 
 
 class Context:
@@ -49,11 +50,22 @@ class Context:
 
     # ---- queueing ------------------------------------------------------------------------------
     def fill(self, text: str) -> None:
-        """Queues the tokens of `text`."""
+        """Queues the tokens of `text`; a text longer than the model's context is refused
+        here, before anything runs."""
         self.pending += self.tokenizer.encode(text)
+        self._check_queue()
 
     def fill_tokens(self, tokens: Iterable[int]) -> None:
         self.pending += [int(t) for t in tokens]
+        self._check_queue()
+
+    def _check_queue(self) -> None:
+        context = self.model.max_position
+        if len(self.pending) > context:
+            queued, self.pending = len(self.pending), []
+            raise PieError(
+                f"the prompt is {queued} tokens, the model's context is {context}: shorten it"
+            )
 
     def fill_chat(
         self, chat: Chat | Iterable[Mapping[str, str]], add_generation_prompt: bool = True
@@ -95,9 +107,14 @@ class Context:
         attention_mask: Sequence[Sequence[int]] | None = None,
         logit_mask: Sequence[int] | None = None,
     ) -> list[Any]:
-        """Runs `tokens` and returns the requested outputs.
+        """Runs `tokens` and returns the requested outputs, one per `(index, sampler)`:
+        an int for `Greedy`/`Sample`, a `Distribution` for `TopK`, a list of floats for
+        `Logprobs`, a float for `Entropy`, a `Logits` handle for `RawLogits`.
 
-        Passes that tasks start in the same event-loop turn go to the host in one call, so
+        `positions` default to continuing the context; `attention_mask` is one run-length row
+        per token (`pie.sdk.masks.runs`); `logit_mask` is run lengths over the vocabulary
+        (`pie.sdk.masks.allowed_tokens(ids, model.vocab_size)`) and limits what the samplers
+        may pick. Passes that tasks start in the same event-loop turn go to the host in one call, so
         forks generating side by side land in the same batch. A task with nothing else to wait
         for runs its pass in one blocking host call instead (no loop turn at all).
         """
@@ -113,12 +130,28 @@ class Context:
         done = await loop.queue_forward(self.handle, args)  # sent, run and ready
         return [from_wit(o) for o in call(forward.outputs, done)]
 
-    async def next_token(self, sampler: Sampler | None = None, **masks: Any) -> int:
-        """Runs the queued tokens, samples one token at the last, and queues it."""
+    async def next_token(
+        self,
+        sampler: Sampler | None = None,
+        *,
+        attention_mask: Sequence[Sequence[int]] | None = None,
+        logit_mask: Sequence[int] | None = None,
+    ) -> int:
+        """Runs the queued tokens, samples one token at the last, and queues it.
+
+        `logit_mask` (run lengths over the vocabulary, `pie.sdk.masks.allowed_tokens`) limits
+        which tokens may be sampled; `attention_mask` (one run-length row per queued token)
+        hides slots from attention. Both as in `forward`.
+        """
         if not self.pending:
             raise PieError("nothing to run: fill tokens first (a context samples after its queue)")
         tokens, self.pending = self.pending, []
-        (token,) = await self.forward(tokens, [(len(tokens) - 1, sampler or Greedy())], **masks)
+        (token,) = await self.forward(
+            tokens,
+            [(len(tokens) - 1, sampler or Greedy())],
+            attention_mask=attention_mask,
+            logit_mask=logit_mask,
+        )
         self.pending = [token]
         return int(token)
 
@@ -339,6 +372,11 @@ def _forward_args(
     attention_mask: Sequence[Sequence[int]] | None,
     logit_mask: Sequence[int] | None,
 ) -> Any:
+    # The bindings take u32s: a value outside that would end the program with a bare trap.
+    for what, values in (("token id", tokens), ("position", positions or ())):
+        bad = next((v for v in values if not 0 <= v <= _U32_MAX), None)
+        if bad is not None:
+            raise PieError(f"{what} {bad} is outside [0, {_U32_MAX}]")
     return forward.ForwardArgs(
         list(tokens),
         None if positions is None else list(positions),

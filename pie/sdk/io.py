@@ -6,9 +6,9 @@ message while its forwards run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
-from pie.sdk._wit import call, messaging, poll, runtime, session
+from pie.sdk._wit import PieError, call, messaging, poll, runtime, session
 from pie.sdk.loop import wait_host
 
 
@@ -40,20 +40,58 @@ def send_blob(data: bytes) -> None:
     call(session.send_blob, bytes(data))
 
 
+# The host's error text for a receive after the client closed its input (the runtime's
+# `session.END_OF_INPUT`; the guest cannot import the runtime, so it is repeated here).
+END_OF_INPUT = "end-of-input"
+
+
+class EndOfInput(EOFError):
+    """The client closed its input (stdin of `pie run` reached its end, or a protocol client
+    sent `close_input`): no more messages will come. Raised by `receive` and `receive_blob`
+    once every message sent before was received; `messages()` ends there instead."""
+
+
 async def _take_text(future: int) -> str:
     await wait_host(future)
     return str(call(poll.take_text, future))
 
 
+def _end_of_input(error: PieError) -> bool:
+    return str(error).startswith(END_OF_INPUT)
+
+
 async def receive() -> str:
-    """The client's next text message."""
-    return await _take_text(int(call(session.receive)))
+    """The client's next text message; raises `EndOfInput` once the client has closed its
+    input and every message it sent was received."""
+    try:
+        return await _take_text(int(call(session.receive)))
+    except PieError as e:
+        if _end_of_input(e):
+            raise EndOfInput(str(e)) from None
+        raise
 
 
 async def receive_blob() -> bytes:
+    """The client's next blob; raises `EndOfInput` as `receive` does."""
     future = int(call(session.receive_blob))
     await wait_host(future)
-    return bytes(call(poll.take_blob, future))
+    try:
+        return bytes(call(poll.take_blob, future))
+    except PieError as e:
+        if _end_of_input(e):
+            raise EndOfInput(str(e)) from None
+        raise
+
+
+async def messages() -> AsyncIterator[str]:
+    """The client's text messages, in order, until it closes its input (where `receive`
+    would raise `EndOfInput`, the iteration ends): `async for line in messages(): ...`."""
+    while True:
+        try:
+            text = await receive()
+        except EndOfInput:
+            return
+        yield text
 
 
 # ---- other inferlets -----------------------------------------------------------------------------

@@ -79,9 +79,13 @@ class Model:
         info = call(model.info, handle)
         self.handle = handle
         self.name: str = info.name
+        """The model's name, as `pie.sdk.models()` lists it."""
         self.vocab_size: int = info.vocab_size
+        """Entries in a logit row: the size a `logit_mask` covers (`masks.allowed_tokens`)."""
         self.page_size: int = info.page_size
+        """KV slots per page."""
         self.max_position: int = info.max_position
+        """The longest context the model takes, in tokens."""
         self.tokenizer = Tokenizer(handle)
 
     @classmethod

@@ -85,10 +85,13 @@ Sampler = Greedy | Sample | TopK | Logprobs | Entropy | RawLogits
 
 @dataclass(frozen=True)
 class Distribution:
-    """Result of `TopK`: tokens by descending probability."""
+    """Result of `TopK`: the k most probable tokens, by descending probability."""
 
     tokens: list[int]
+    """Token ids, most probable first; fewer than k where a logit mask allows fewer."""
     probs: list[float]
+    """Their probabilities in the softmax over the whole vocabulary at the `TopK`'s
+    temperature (not renormalized over the k), in the same order."""
 
 
 class Logits:

@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Any
 
-from pie.server.config import ConfigError, ServerConfig
+from pie.cli_errors import HelpFormatter, checked_device
+from pie.server.config import ServerConfig
 
 log = logging.getLogger("pie.server")
 TOKEN_ENV = "PIE_SERVE_TOKEN"  # a token kept off the command line (other users can read argv)
@@ -23,24 +24,48 @@ def add_serve_command(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
         help="serve inferlets over the network (WebSocket protocol, OpenAI API, metrics)",
-        description="pie serve --port 8080: one port for HTTP and the WebSocket protocol (/ws)",
+        description="Serve the model on one port: the OpenAI API under /v1, the WebSocket "
+        "client protocol at /ws, /metrics, /health and a web page at /. SIGINT/SIGTERM drain "
+        "running inferlets, then exit (1 if KV pages leaked).",
+        epilog="examples:\n  pie serve --port 8080\n  pie serve --config pie.toml --host 0.0.0.0 "
+        "--token $SECRET\n\nflags win over the config file; settings left out keep its values",
+        formatter_class=HelpFormatter,
     )
     serve.add_argument("--config", default=None, help="a TOML file of settings (flags win)")
     serve.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080; 0: any free)")
     serve.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2)")
     serve.add_argument("--device", default=None, help="cpu (default) or cuda")
-    serve.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
+    serve.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16"],
+        help="weights and KV cache (default auto: the fastest for the device)",
+    )
     serve.add_argument(
         "--kv-pages", type=int, default=None, help="KV pages in the pool (default: sized to memory)"
     )
     serve.add_argument("--workers", type=int, default=None, help="instance worker processes")
-    serve.add_argument("--max-instances", type=int, default=None)
+    serve.add_argument(
+        "--max-instances", type=int, default=None, help="most inferlets running at once"
+    )
     serve.add_argument(
         "--token", default=None, help=f"bearer token clients must present (or ${TOKEN_ENV})"
     )
-    serve.add_argument("--drain-grace", type=float, default=None, dest="drain_grace_s")
-    serve.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--drain-grace",
+        type=float,
+        default=None,
+        dest="drain_grace_s",
+        help="seconds a stop waits for running inferlets before cancelling them",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="what the server logs (default info)",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of errors")
     serve.set_defaults(handler=_serve)
 
 
@@ -67,11 +92,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        print(f"pie serve: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)  # a ConfigError ends the command: exit 2 (cli_errors)
+    checked_device(config.device)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -128,6 +150,8 @@ def _make_runtime(engine: Any, config: ServerConfig) -> Any:
         "limits": config.instance_limits(),
         "max_batch_tokens": config.max_batch_tokens,
         "max_instances": config.max_instances,
+        "decode_latency_factor": config.decode_latency_factor or None,
+        "kv_share": config.kv_share,
     }
     if config.workers is not None:
         if "workers" not in inspect.signature(Runtime).parameters:

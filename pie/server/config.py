@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pie.runtime.limits import InstanceLimits
+from pie.control.pacing import DECODE_LATENCY_FACTOR
+from pie.runtime.limits import KV_SHARE, InstanceLimits
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,12 @@ class ServerConfig:
     workers: int | None = None
     max_instances: int = 256
     max_batch_tokens: int = 512
+    # Prompt tokens beside running decoders are paced so a step stays within this many times a
+    # decode-only step (pie/control/pacing.py); 0 turns pacing off (the token budget alone).
+    decode_latency_factor: float = DECODE_LATENCY_FACTOR
+    # The KV pages an instance may hold by default, as a share of the pool (at least one full
+    # context); 1 lets one instance take the whole pool.
+    kv_share: float = KV_SHARE
     # Bearer token clients must present; None admits loopback clients only.
     token: str | None = None
     max_frame_bytes: int = 4 * 2**20  # largest WebSocket frame the protocol accepts
@@ -99,6 +106,13 @@ class ServerConfig:
             )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.decode_latency_factor != 0 and self.decode_latency_factor < 1:
+            raise ConfigError(
+                f"decode_latency_factor must be 0 (off) or at least 1, got "
+                f"{self.decode_latency_factor}"
+            )
+        if not 0 < self.kv_share <= 1:
+            raise ConfigError(f"kv_share must be in (0, 1], got {self.kv_share}")
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be 0 or more, got {self.drain_grace_s}")
         if self.token is not None and not self.token:

@@ -61,6 +61,12 @@ class Launch(Frame, tag="launch"):
         default_factory=list
     )
     detached: bool = False
+    # KV pages: the most it may hold (None: the server's default share), and how many are set
+    # aside for it at launch (a claimed budget; the launch fails if the pool cannot).
+    kv_pages: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    kv_reserve: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Rank when the pool is short: higher waits less and may swap lower ones' pages out.
+    priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
 
 
 class Attach(Frame, tag="attach"):
@@ -81,6 +87,12 @@ class SendBlob(Frame, tag="send_blob"):
     data: bytes
 
 
+class CloseInput(Frame, tag="close_input"):
+    """No more `send` / `send_blob` for this instance: its receives end with end-of-input."""
+
+    instance: InstanceId
+
+
 class Terminate(Frame, tag="terminate"):
     instance: InstanceId
 
@@ -99,6 +111,7 @@ CLIENT_FRAMES: dict[str, type[Frame]] = {
         Detach,
         Send,
         SendBlob,
+        CloseInput,
         Terminate,
     )
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -148,7 +149,14 @@ class InferletRun:
         self.prompt_logprobs: list[list[Entry] | None] = [None] * len(job.prompts)
         try:
             program = register_builtin(state)
-            self.instance = state.launch(program, [job.argument()], self.session, source="openai")
+            # Its pages are governed by the admission line (openai_api.start), not the default
+            # share of an inferlet: its quota is the pool.
+            limits = dataclasses.replace(
+                state.config.instance_limits(), kv_pages=state.admission.capacity
+            )
+            self.instance = state.launch(
+                program, [job.argument()], self.session, source="openai", limits=limits
+            )
         except ServerDraining as e:
             raise OpenAIError(503, str(e), type="server_error", code="server_draining") from None
         except LaunchError as e:

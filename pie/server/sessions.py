@@ -3,7 +3,8 @@
 The runtime calls it from its own threads (never blocking); it hands every event to the
 asyncio loop, where the connection now attached to the instance sends it as a frame, or, with
 none attached (detached, or before the launch reply went out), a bounded backlog keeps it.
-Client messages come in through `put_text` / `put_blob` and wait in inboxes for `receive`.
+Client messages come in through `put_text` / `put_blob` and wait in inboxes for `receive`;
+`close_input` ends them (the program's `receive` raises `EndOfInput` once they are taken).
 `ChannelRegistry` maps instance ids to channels (loop thread only).
 """
 
@@ -18,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from pie.runtime.session import InputClosed
 
 T = TypeVar("T")
 
@@ -42,15 +45,20 @@ Sink = Callable[["InstanceChannel", Event], None]
 
 
 class _Inbox(Generic[T]):
-    """Values from the client, handed to receivers in order (thread-safe)."""
+    """Values from the client, handed to receivers in order (thread-safe). Once closed (the
+    client's `close_input`), the values in it are still handed out, then receives fail with
+    `InputClosed` (the SDK's `EndOfInput`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: deque[T] = deque()
         self._waiters: deque[cf.Future[T]] = deque()
+        self.closed = False
 
     def put(self, value: T) -> None:
         with self._lock:
+            if self.closed:
+                raise InputClosed()
             while self._waiters:
                 waiter = self._waiters.popleft()
                 if waiter.set_running_or_notify_cancel():
@@ -64,9 +72,20 @@ class _Inbox(Generic[T]):
             if self._values:
                 future.set_result(self._values.popleft())
                 return future
+            if self.closed:
+                future.set_exception(InputClosed())
+                return future
             self._waiters.append(future)
         future.add_done_callback(self._withdraw)
         return future
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:  # outside the lock: their callbacks may withdraw others
+            if waiter.set_running_or_notify_cancel():
+                waiter.set_exception(InputClosed())
 
     def _withdraw(self, future: cf.Future[T]) -> None:
         if future.cancelled():  # the instance stopped waiting: forget the waiter
@@ -145,6 +164,16 @@ class InstanceChannel:
 
     def put_blob(self, data: bytes) -> None:
         self._blobs.put(data)
+
+    def close_input(self) -> None:
+        """The client sends no more: receives fail with `InputClosed` once the inboxes are
+        empty (the program sees `EndOfInput`). Closing twice is harmless."""
+        self._texts.close()
+        self._blobs.close()
+
+    @property
+    def input_closed(self) -> bool:
+        return self._texts.closed
 
     def cancel(self, reason: str) -> None:
         if self.handle is not None and self.finished_at is None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from functools import partial
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -57,6 +59,7 @@ class Connection:
             f.Detach: self.on_detach,
             f.Send: self.on_send,
             f.SendBlob: self.on_send_blob,
+            f.CloseInput: self.on_close_input,
             f.Terminate: self.on_terminate,
         }
 
@@ -264,8 +267,16 @@ class Connection:
             raise f.FrameError("unknown_program", str(e), frame.id) from None
         loop = asyncio.get_running_loop()
         channel = InstanceChannel(loop, digest, frame.args, state.config.max_buffered_bytes)
+        limits = dataclasses.replace(
+            state.config.instance_limits(),
+            kv_pages=frame.kv_pages,
+            kv_reserve=frame.kv_reserve,
+            priority=frame.priority,
+        )
         try:
-            handle = await asyncio.to_thread(state.launch, digest, frame.args, channel)
+            handle = await asyncio.to_thread(
+                partial(state.launch, digest, frame.args, channel, limits=limits)
+            )
         except ServerDraining as e:
             raise f.FrameError("draining", str(e), frame.id) from None
         except LaunchError as e:
@@ -331,12 +342,26 @@ class Connection:
         return f.Ok(id=frame.id)
 
     async def on_send(self, frame: f.Send) -> f.Frame:
-        self._channel(frame.instance, frame.id).put_text(frame.text)
+        self._open_input(frame.instance, frame.id).put_text(frame.text)
         return f.Ok(id=frame.id)
 
     async def on_send_blob(self, frame: f.SendBlob) -> f.Frame:
-        self._channel(frame.instance, frame.id).put_blob(frame.data)
+        self._open_input(frame.instance, frame.id).put_blob(frame.data)
         return f.Ok(id=frame.id)
+
+    async def on_close_input(self, frame: f.CloseInput) -> f.Frame:
+        self._channel(frame.instance, frame.id).close_input()
+        return f.Ok(id=frame.id)
+
+    def _open_input(self, instance: int, frame_id: int | None) -> InstanceChannel:
+        channel = self._channel(instance, frame_id)
+        if channel.input_closed:
+            raise f.FrameError(
+                "input_closed",
+                f"instance {instance}'s input was closed (close_input); it takes no more messages",
+                frame_id,
+            )
+        return channel
 
     async def on_terminate(self, frame: f.Terminate) -> f.Frame:
         channel = self._channel(frame.instance, frame.id, attached=False)

@@ -116,6 +116,16 @@ class FakeEngine:
                 self.kv[(seq.page_ids[slot // self.page_size], slot % self.page_size)] = token
         return ForwardResult([self._answer(seq) for seq in batch.sequences])
 
+    def save_pages(self, pages: list[int]) -> list[dict[int, int]]:
+        return [{slot: t for (page, slot), t in self.kv.items() if page == p} for p in pages]
+
+    def load_pages(self, pages: list[int], data: list[dict[int, int]]) -> None:
+        for page, saved in zip(pages, data, strict=True):
+            for slot in range(self.page_size):
+                self.kv.pop((page, slot), None)
+            for slot, t in saved.items():
+                self.kv[(page, slot)] = t
+
     def copy_pages(self, pairs: list[tuple[int, int, int]]) -> None:
         self.copies.extend(pairs)
         for src, dst, n in pairs:

@@ -75,7 +75,10 @@ def test_requests_arriving_during_a_step_are_batched(make_stack: Callable[..., S
 
 def test_long_prefill_is_chunked_and_never_stalls_decodes(make_stack: Callable[..., Stack]) -> None:
     # The brief's case: a 4000-token prefill and 20 decoders, 512 tokens per step.
-    stack = make_stack(num_pages=512, page_size=16, max_batch_tokens=512)
+    # Token budget only: pacing by time (below) would cut the chunks to the measured pace.
+    stack = make_stack(
+        num_pages=512, page_size=16, max_batch_tokens=512, decode_latency_factor=None
+    )
     prompt = [t % 1000 for t in range(4000)]
     prefill = submit(
         stack,
@@ -431,3 +434,194 @@ def test_a_cancelled_owner_is_not_waited_for(make_stack: Callable[..., Stack]) -
     stack.scheduler.cancel_owner(1)  # ...until owner 1 ends
     assert seen(later) == [2, 3]
     assert time.monotonic() - began < 0.9  # one step, not the gather bound on top
+
+
+# ---- waiting for pages ------------------------------------------------------------------------
+def test_a_forward_short_of_pages_waits_and_runs_when_pages_free(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(num_pages=4, page_size=4)
+    stack.scheduler.start()
+    hog = stack.contexts.create(1)
+    seen(submit(stack, hog, list(range(16))))  # all four pages
+    waiter = stack.contexts.create(2)
+    future = submit(stack, waiter, [7, 8])
+    time.sleep(0.05)
+    assert not future.done() and stack.scheduler.stats.page_waits == 1
+    stack.contexts.close(hog)  # its pages come free: the waiter is admitted and runs
+    assert seen(future) == [7, 8]
+    assert stack.scheduler.stats.page_waits == 0
+
+
+def test_page_waiters_go_by_priority_then_arrival(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=4, page_size=4, max_swapped_pages=0)  # no preemption
+    stack.scheduler.start()
+    hog = stack.contexts.create(1)
+    seen(submit(stack, hog, list(range(16))))
+    stack.scheduler.set_priority(4, 5)
+    finished: list[int] = []
+    futures = []
+    for owner in (2, 3, 4):  # each needs three of the four pages: one at a time
+        ctx = stack.contexts.create(owner)
+        future = submit(stack, ctx, list(range(10)))
+        future.add_done_callback(lambda _, o=owner: finished.append(o))
+        futures.append((future, ctx))
+    time.sleep(0.05)
+    assert stack.scheduler.stats.page_waits == 3
+    stack.contexts.close(hog)
+    for future, ctx in sorted(futures, key=lambda fc: -fc[1].owner if fc[1].owner == 4 else 0):
+        future.result(timeout=10)
+        stack.contexts.close(ctx)
+    assert finished == [4, 2, 3]  # the high-priority one first, then first come first served
+
+
+def test_a_newcomer_needing_pages_queues_behind_the_waiters(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(num_pages=4, page_size=4)
+    stack.scheduler.start()
+    hog = stack.contexts.create(1)
+    seen(submit(stack, hog, list(range(12))))  # three pages, one left
+    big = submit(stack, stack.contexts.create(2), list(range(8)))  # two pages: waits
+    small = submit(stack, stack.contexts.create(3), [1])  # one page would fit, but queues
+    time.sleep(0.05)
+    assert not big.done() and not small.done()
+    stack.contexts.close(hog)
+    assert seen(big) == list(range(8)) and seen(small) == [1]
+
+
+def test_a_page_wait_ends_in_a_clear_error_at_its_bound(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=2, page_size=4, page_wait_s=0.2)
+    stack.scheduler.start()
+    seen(submit(stack, stack.contexts.create(1), list(range(8))))
+    began = time.monotonic()
+    future = submit(stack, stack.contexts.create(2), [1])
+    with pytest.raises(ControlError, match=r"KV pool exhausted: waited 0\.2 s"):
+        future.result(timeout=10)
+    assert 0.2 <= time.monotonic() - began < 2.0
+    assert stack.scheduler.stats.page_waits == 0
+
+
+def test_cancelling_an_owner_fails_its_page_waits(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=2, page_size=4)
+    stack.scheduler.start()
+    seen(submit(stack, stack.contexts.create(1), list(range(8))))
+    ctx = stack.contexts.create(2)
+    future = submit(stack, ctx, [1])
+    later = submit(stack, ctx, [2])  # same context: queues behind, in order
+    assert stack.scheduler.cancel_owner(2) == 0
+    for f in (future, later):
+        with pytest.raises(ForwardCancelledError):
+            f.result(timeout=10)
+    stack.scheduler.wait_idle(ctx)  # nothing of it is counted as pending any more
+
+
+def test_pages_set_aside_are_kept_for_their_owner(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=4, page_size=4, page_wait_s=0)
+    stack.scheduler.start()
+    stack.pool.set_aside(9, 3)
+    assert stack.pool.available(1) == 1 and stack.pool.available(9) == 4
+    with pytest.raises(ControlError, match="3 set aside for others"):
+        submit(stack, stack.contexts.create(1), list(range(8))).result(timeout=10)
+    assert seen(submit(stack, stack.contexts.create(9), list(range(12)))) == list(range(12))
+    with pytest.raises(ControlError, match="cannot set aside 2 pages"):
+        stack.pool.set_aside(5, 2)  # one page left that is not kept for owner 9
+    stack.pool.release_owner(9)
+    assert stack.pool.available(1) == 4
+
+
+# ---- pacing prefill by time -------------------------------------------------------------------
+def test_the_pacer_keeps_a_step_with_decodes_within_its_latency_factor() -> None:
+    from pie.control.pacing import ACTIVE_S, PROBE_TOKENS, REFRESH_STEPS, PrefillPacer
+
+    # A model of a CPU step: 10 ms for the decoders, 2 ms per prefill token.
+    def step(decodes: int, prefill: int) -> float:
+        return (0.010 if decodes else 0.001) + 0.002 * prefill
+
+    pacer = PrefillPacer(latency_factor=2.0)
+    assert pacer.prefill_tokens(False) is None  # no decoder: the prompt goes at full speed
+    assert pacer.prefill_tokens(True) == 0  # no decode-only step measured yet: measure one
+    pacer.observe(4, 0, step(4, 0), now=100.0)
+    assert pacer.prefill_tokens(True, now=100.0) == PROBE_TOKENS
+    pacer.observe(4, PROBE_TOKENS, step(4, PROBE_TOKENS), now=100.0)
+    times = []
+    for _ in range(REFRESH_STEPS - 1):
+        n = pacer.prefill_tokens(True, now=100.0)
+        assert n is not None and n > 0
+        times.append(step(4, n))
+        pacer.observe(4, n, times[-1], now=100.0)
+    assert max(times) <= 2.0 * step(4, 0) + 1e-9  # 5 tokens: 20 ms, twice a decode step
+    assert pacer.prefill_tokens(True, now=100.0) == 0  # a decode-only step re-measures
+    pacer.observe(4, 0, step(4, 0), now=100.0)
+    # A decoder between two tokens (none queued) still holds the pace for a while.
+    assert pacer.prefill_tokens(False, now=100.0 + ACTIVE_S / 2) == 5
+    assert pacer.prefill_tokens(False, now=100.0 + ACTIVE_S) is None
+    assert PrefillPacer(latency_factor=None).prefill_tokens(True) is None
+
+
+def test_a_paced_step_cuts_long_prompts_but_keeps_every_decode(
+    make_stack: Callable[..., Stack],
+) -> None:
+    from pie.control.batching import PendingForward, plan_batch
+    from pie.control.forward import build_sequence
+
+    stack = make_stack(num_pages=64, page_size=16)
+    waiting = []
+    shapes = [(1, 600, True), (2, 1, True), (3, 1, True), (4, 40, False), (5, 100, True)]
+    for owner, n, splittable in shapes:
+        ctx = stack.contexts.create(owner)
+        start, pages = stack.contexts.reserve(ctx, n)
+        request = ForwardRequest(ctx, list(range(n)), outputs=[(n - 1, Greedy())])
+        built, _ = build_sequence(request, start, pages, None)
+        waiting.append(PendingForward(built, ctx, Future(), splittable, [None]))
+    chunks = plan_batch(waiting, 512, 256, 16, prefill_tokens=5, long_prompt=512)
+    sizes = {c.forward.context.owner: len(c.seq.tokens) for c in chunks}
+    # Both decodes; the prompt longer than `long_prompt` cut to the pace; the one that cannot be cut,
+    # and the short prompt (one step's delay, once), whole.
+    assert sizes == {1: 5, 2: 1, 3: 1, 4: 40, 5: 100}
+
+
+# ---- preemption -------------------------------------------------------------------------------
+def test_a_higher_priority_forward_swaps_lower_ones_out_and_they_come_back_whole(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(num_pages=4, page_size=4)
+    stack.scheduler.start()
+    low = stack.contexts.create(1)
+    assert seen(submit(stack, low, list(range(12)))) == list(range(12))  # three pages
+    stack.scheduler.set_priority(2, 1)
+    high = stack.contexts.create(2)
+    prompt = list(range(50, 58))  # two pages, one free: the low one's pages go to host memory
+    assert seen(submit(stack, high, prompt)) == prompt
+    assert low.swapped is not None and stack.scheduler.preempted_pages == 3
+    assert stack.contexts.swapped_pages == 3
+    stack.contexts.close(high)
+    # Its next forward brings it back: new pages, its KV restored before the step.
+    assert seen(submit(stack, low, [99])) == [*range(12), 99]
+    assert low.swapped is None and stack.contexts.swapped_pages == 0
+
+
+def test_equal_priorities_wait_and_shared_pages_stay(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=4, page_size=4, page_wait_s=0.3)
+    stack.scheduler.start()
+    low = stack.contexts.create(1)
+    seen(submit(stack, low, list(range(8))))
+    stack.contexts.fork(low)  # both pages now shared: never swapped
+    seen(submit(stack, stack.contexts.create(3), list(range(8))))  # the other two pages
+    with pytest.raises(ControlError, match="KV pool exhausted"):  # same priority: no preemption
+        submit(stack, stack.contexts.create(4), [1]).result(timeout=10)
+    stack.scheduler.set_priority(2, 5)
+    high = stack.contexts.create(2)
+    assert seen(submit(stack, high, [7])) == [7]  # owner 3's pages went out; owner 1's stayed
+    assert low.swapped is None and stack.scheduler.preempted_pages == 2
+
+
+def test_a_program_short_of_its_own_pages_fails_at_once(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(num_pages=4, page_size=4)
+    stack.scheduler.start()
+    ctx = stack.contexts.create(1)
+    seen(submit(stack, ctx, list(range(12))))
+    began = time.monotonic()
+    with pytest.raises(ControlError, match="KV pool exhausted"):  # nobody else could free any
+        submit(stack, ctx, list(range(8))).result(timeout=10)
+    assert time.monotonic() - began < 1.0

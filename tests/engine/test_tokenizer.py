@@ -124,3 +124,14 @@ def test_unsafe_or_missing_inputs_raise(tmp_path: Path, tokenizer: Tokenizer) ->
     )
     with pytest.raises(Exception, match=r"unsafe|access"):
         evil.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_long_text_encodes_alike_through_the_gil_free_call(tokenizer: Tokenizer) -> None:
+    from pie.engine.tokenizer import LONG_TEXT
+
+    text = ("Paris, le 3 juin: 12 élèves <|im_end|> et 7 professeurs. " * 400)[: LONG_TEXT + 99]
+    ids = tokenizer.encode(text)
+    assert ids == list(tokenizer.backend.encode(text, add_special_tokens=False).ids)
+    assert tokenizer.encode(text, add_special_tokens=True)[1:] == ids or (
+        tokenizer.encode(text, add_special_tokens=True) == ids
+    )

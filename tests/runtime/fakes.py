@@ -114,6 +114,16 @@ class FakeEngine:
             return LogitsResult(row)
         return TokenResult(token)
 
+    def save_pages(self, pages: list[int]) -> list[dict[int, int]]:
+        return [{slot: t for (page, slot), t in self.kv.items() if page == p} for p in pages]
+
+    def load_pages(self, pages: list[int], data: list[dict[int, int]]) -> None:
+        for page, saved in zip(pages, data, strict=True):
+            for slot in range(self.page_size):
+                self.kv.pop((page, slot), None)
+            for slot, t in saved.items():
+                self.kv[(page, slot)] = t
+
     def copy_pages(self, pairs: list[tuple[int, int, int]]) -> None:
         with self._lock:
             for src, dst, n in pairs:

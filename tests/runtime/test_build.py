@@ -36,6 +36,20 @@ def test_hash_changes_with_the_source(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_module_that_loops_at_import_stops_at_the_build_time_limit(
+    tmp_path: Path, pie_cache: Path
+) -> None:
+    source = tmp_path / "loops_at_import.py"
+    source.write_text("while True:\n    pass\n\ndef main(args):\n    return 'never'\n")
+    started = time.monotonic()
+    with pytest.raises(BuildError, match="did not finish within 4 s") as failed:
+        build_inferlet(source, timeout_s=4)
+    assert time.monotonic() - started < 10
+    assert failed.value.location == str(source.resolve())
+    assert "top level" in str(failed.value)
+
+
+@pytest.mark.slow
 def test_import_time_error_points_at_the_user_line(tmp_path: Path, pie_cache: Path) -> None:
     source = tmp_path / "fails_at_import.py"
     source.write_text("import json\n\nVALUE = json.loads('{')\n\ndef main(args):\n    return ''\n")

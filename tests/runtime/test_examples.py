@@ -7,13 +7,18 @@ sandboxed path is covered by the probe and text-completion tests), so no extra b
 from __future__ import annotations
 
 import logging
+import os
 import runpy
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pie.runtime.runtime import Runtime
-from tests.runtime.conftest import ROOT, assert_pool_whole
+from pie.runtime.session import InputClosed, QueueSession
+from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime
 from tests.runtime.fakes import OFFSET, FakeEngine, reference_generation
 
 
@@ -72,3 +77,90 @@ def test_guest_stdout_and_stderr_reach_the_log_tagged_with_the_instance(
     lines = {(r.name, r.getMessage()) for r in caplog.records}
     assert (f"pie.inferlet.{instance.id}", "[stdout] hello on stdout") in lines
     assert (f"pie.inferlet.{instance.id}", "[stderr] hello on stderr") in lines
+
+
+# ---- end of input: the chat example ends when the client closes its input -------------------------
+CHAT = ROOT / "inferlets" / "chat.py"
+
+
+def _chat_session(*lines: str) -> QueueSession:
+    session = QueueSession()
+    for line in lines:
+        session.put_text(line)
+    session.close_input()
+    return session
+
+
+def test_chat_answers_each_line_then_ends_at_end_of_input(big_runtime: Runtime) -> None:
+    session = _chat_session("q1", "q2")
+    with big_runtime as rt:
+        program = rt.add_source(CHAT, native=True)
+        out = rt.launch(program, [], session=session, native=True).wait(30)
+        assert_pool_whole(rt)
+    assert out == "[the client closed its input; turns: 2]"
+    # The second turn continued the first's KV: it answers what a fresh run of the whole
+    # conversation answers.
+    first = "[system]You are a helpful assistant.\n[user]q1\n[assistant]"
+    answer1 = _text(reference_generation(_tokens(first), 256))
+    second = f"{first}{answer1}\n[user]q2\n[assistant]"
+    answer2 = _text(reference_generation(_tokens(second), 256))
+    assert session.text_of(1) == f"{answer1}\n{answer2}\n"
+
+
+@pytest.mark.slow
+def test_end_of_input_reaches_a_waiting_receive_in_a_worker(pie_cache: Path) -> None:
+    """The sandboxed chat, in a worker process: its receive is pending when input closes."""
+    with make_runtime(FakeEngine(num_pages=512), pie_cache, workers=1) as rt:
+        program = rt.add_source(CHAT)
+        session = QueueSession()
+        instance = rt.launch(program, [], session=session)
+        time.sleep(0.5)
+        session.put_text("q1")
+        time.sleep(0.2)
+        session.close_input()
+        assert instance.wait(30) == "[the client closed its input; turns: 1]"
+        assert_pool_whole(rt)
+
+
+def test_receive_raises_end_of_input_after_the_queued_messages(
+    big_runtime: Runtime, tmp_path: Path
+) -> None:
+    source = tmp_path / "eoi.py"
+    source.write_text(
+        "from pie.sdk import EndOfInput, messages, receive, receive_blob\n\n"
+        "async def main(args):\n"
+        "    seen = [m async for m in messages()]\n"
+        "    for take in (receive, receive, receive_blob):\n"
+        "        try:\n"
+        "            await take()\n"
+        "        except EndOfInput as e:\n"
+        "            seen.append(type(e).__name__ + ':' + str(e).split(':')[0])\n"
+        "    return ','.join(seen)\n"
+    )
+    session = QueueSession()
+    session.put_text("a")
+    session.put_text("b")
+    session.close_input()
+    session.close_input()  # twice: harmless
+    with pytest.raises(InputClosed, match="end-of-input"):
+        session.put_text("late")
+    with big_runtime as rt:
+        program = rt.add_source(source, native=True)
+        out = rt.launch(program, [], session=session, native=True).wait(10)
+    assert out == "a,b" + ",EndOfInput:end-of-input" * 3
+
+
+@pytest.mark.slow
+def test_chat_ends_by_itself_at_the_end_of_stdin(pie_cache: Path) -> None:
+    """`printf 'q1\\nq2\\n' | pie run inferlets/chat.py` (sandboxed, default workers) exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pie.cli", "run", str(CHAT)],
+        cwd=ROOT,
+        env=dict(os.environ),  # the session's PIE_CACHE_DIR
+        input="q1\nq2\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[the client closed its input; turns: 2]" in done.stdout

@@ -109,10 +109,19 @@ def test_malformed_and_oversized_arguments_are_errors(runtime: Runtime) -> None:
     assert errors.pop("repeated-ids-ready") == 65536  # one id repeated: one lookup, not 65536
     assert all(errors.values()), {k: v for k, v in errors.items() if not v}
     assert "at most 65536" in errors["wait-any-over-limit"]
-    assert "encode at most" in errors["encode-over-limit"]
+    assert (
+        "text to encode of 1048577 characters; the limit is 1048576" in errors["encode-over-limit"]
+    )
     for name in ("push-over-limit", "send-over-limit"):
         assert "the limit is 16777216" in errors[name], name
     assert "bans every token" in errors["logit-mask-bans-all"]
+    # Values the bindings cannot carry are the SDK's clear errors, not a bare trap.
+    assert "token id -1 is outside [0, 4294967295]" in errors["token-negative"]
+    assert "token id 4294967296 is outside" in errors["token-past-u32"]
+    assert "position -1 is outside" in errors["position-negative"]
+    assert (
+        "the prompt is 100000 tokens, the model's context is 4096" in errors["prompt-past-context"]
+    )
     assert "outside the 1 new tokens" in errors["output-past-tokens"]
     assert "topics are 1 to 256 characters" in errors["empty-topic"]
 

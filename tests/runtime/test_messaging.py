@@ -38,3 +38,31 @@ def test_bus_skips_withdrawn_pullers() -> None:
     assert sub.next().result(0) == "hi"
     sub.close()
     assert bus.broadcast("t", "gone") == 0
+
+
+def test_the_bus_budget_counts_host_bytes_and_queues() -> None:
+    from pie.runtime.errors import HostError
+    from pie.runtime.messaging import QUEUE_BYTES, MessageBus
+
+    # Four-byte characters cost four bytes each: 300 of 1,000 characters pass a 1,000-character
+    # reckoning but not a 4 KB budget counted in bytes.
+    bus = MessageBus(max_bytes=4096)
+    with pytest.raises(HostError, match="unread messages"):
+        for _ in range(300):
+            bus.push("wide", "\U0001f600" * 1000)
+    assert bus.held <= bus.max_bytes
+    # One-message topics: each queue costs its own bytes, so a spread of them is bounded too.
+    bus = MessageBus(max_bytes=64 * QUEUE_BYTES)
+    with pytest.raises(HostError, match="unread messages"):
+        for i in range(10_000):
+            bus.push(f"topic-{i}", "x")
+    assert len(bus.queues) < 64
+    # Pulling everything gives every byte back, queues included.
+    for topic in list(bus.queues):
+        assert bus.pull(topic).result(0) == "x"
+    assert bus.held == 0 and not bus.queues
+    sub = bus.subscribe("t")
+    bus.broadcast("t", "é" * 100)
+    assert bus.held > 100
+    sub.close()
+    assert bus.held == 0

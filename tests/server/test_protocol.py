@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -12,7 +15,7 @@ from websockets.asyncio.client import connect
 
 from pie.client import InstanceError, PieClient, PieClientSync, ServerError
 from pie.server import frames as f
-from tests.server.conftest import ServerProcess, run, wait_pool_whole
+from tests.server.conftest import ROOT, ServerProcess, run, wait_pool_whole
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +33,23 @@ def test_launch_streams_messages_then_the_result(server: ServerProcess, chatty: 
     assert events[-1].kind == "return"
     assert result == "".join(m or "" for m in messages) and result.strip()
     assert all(e.kind in ("message", "return") for e in events)
+
+
+def test_a_launch_claims_kv_pages_and_a_priority(server: ServerProcess, chatty: str) -> None:
+    async def go() -> tuple[str, str, str]:
+        async with PieClient.connect(server.url) as client:
+            ran = await client.launch(chatty, ["stream", "3"], kv_reserve=8, priority=5)
+            result = await ran.wait()
+            with pytest.raises(ServerError) as too_big:
+                await client.launch(chatty, ["stream", "3"], kv_reserve=10**7)
+            with pytest.raises(ServerError) as out_of_range:
+                await client.launch(chatty, ["stream", "3"], priority=1000)
+            return result, str(too_big.value), str(out_of_range.value)
+
+    result, too_big, out_of_range = run(go())
+    assert result.strip()
+    assert "cannot set aside 10000000 pages" in too_big or "more than the instance" in too_big
+    assert "priority" in out_of_range
 
 
 def test_a_known_hash_is_not_sent_again(server: ServerProcess, chatty_wasm: bytes) -> None:
@@ -244,3 +264,43 @@ def test_sync_client(server: ServerProcess, chatty: str) -> None:
         assert kinds == [("message", "echo:sync"), ("return", "bye")]
         assert instance.wait() == "bye"
         assert client.info()["pages"]["used"] == 0
+
+
+def test_close_input_ends_the_programs_receives(server: ServerProcess, chatty: str) -> None:
+    """After `close_input`, the program gets what was sent before, then `receive` raises
+    `EndOfInput` (chatty's echo does not catch it, so it fails naming it); a send after it
+    is refused with `input_closed`."""
+
+    async def go() -> tuple[list[str], InstanceError, ServerError]:
+        async with PieClient.connect(server.url) as client:
+            echo = await client.launch(chatty, ["echo"])
+            await echo.send("one")
+            await echo.close_input()
+            await echo.close_input()  # twice: harmless
+            with pytest.raises(ServerError) as refused:
+                await echo.send("late")
+            echoed = [e.text or "" async for e in echo.events() if e.kind == "message"]
+            with pytest.raises(InstanceError) as failed:
+                await echo.wait()
+            return echoed, failed.value, refused.value
+
+    echoed, failed, refused = run(go())
+    assert echoed == ["echo:one"]
+    assert "EndOfInput: end-of-input: the client closed its input" in str(failed)
+    assert refused.code == "input_closed"
+
+
+def test_pie_run_server_ends_the_chat_at_the_end_of_stdin(server: ServerProcess) -> None:
+    """`printf 'q1\\nq2\\n' | pie run --server URL inferlets/chat.py` ends by itself, exit 0."""
+    chat = str(ROOT / "inferlets" / "chat.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "pie.cli", "run", chat, "--server", server.http],
+        cwd=ROOT,
+        env=dict(os.environ),  # the session's PIE_CACHE_DIR: one build
+        input="q1\nq2\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[the client closed its input; turns: 2]" in done.stdout

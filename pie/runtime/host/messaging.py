@@ -16,11 +16,15 @@ def _topic(topic: str) -> str:
     return topic
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8 (what crossed from the guest), without encoding ASCII."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _message(host: InstanceHost, message: str) -> str:
-    if len(message) > host.limits.max_message_bytes:
-        raise HostError(
-            f"message of {len(message)} bytes; the limit is {host.limits.max_message_bytes}"
-        )
+    size = utf8_size(message)
+    if size > host.limits.max_message_bytes:
+        raise HostError(f"message of {size} bytes; the limit is {host.limits.max_message_bytes}")
     return message
 
 

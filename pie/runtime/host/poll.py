@@ -54,4 +54,4 @@ def discard(host: InstanceHost, handle: int) -> None:
 
 def _log_failure(host: InstanceHost, future: cf.Future[object]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        host.log.warning("a discarded forward pass failed: %s", future.exception())
+        host.warn("a discarded forward pass failed: %s", future.exception())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pie.runtime.errors import HostError
 from pie.runtime.host import futures
+from pie.runtime.host.messaging import utf8_size
 from pie.runtime.host.state import InstanceHost
 
 
@@ -14,7 +15,7 @@ def _check_size(host: InstanceHost, size: int, what: str) -> None:
 
 
 def send(host: InstanceHost, text: str) -> None:
-    _check_size(host, len(text), "message")
+    _check_size(host, utf8_size(text), "message")
     host.control.send_text(text)
 
 

@@ -24,6 +24,8 @@ from pie.runtime.limits import InstanceLimits
 if TYPE_CHECKING:
     from pie.runtime.workers.outbox import Outbox
 
+WARNINGS_LOGGED = 10  # host warnings logged per instance; the rest are counted
+
 
 class Session(Protocol):
     """The client side of one instance (a terminal, a WebSocket connection, a test).
@@ -97,10 +99,24 @@ class InstanceHost:
     trap_reason: str | None = None
     # While blocked in `wait`: the futures it waits on (an answer to one of them wakes it).
     waiting_for: set[cf.Future[Any]] | None = None
+    warnings: int = 0  # host warnings about this instance so far (`warn` logs the first few)
 
     def __post_init__(self) -> None:
         self.handles = HandleTable(self.limits.open_handles)
         self.log = logging.getLogger(f"pie.inferlet.{self.id}")
+
+    def warn(self, message: str, *args: Any) -> None:
+        """Logs a warning about the instance; past WARNINGS_LOGGED of them, only their count
+        (`end_warnings`), so one program failing in a loop cannot flood the log."""
+        self.warnings += 1
+        if self.warnings <= WARNINGS_LOGGED:
+            self.log.warning(message, *args)
+        if self.warnings == WARNINGS_LOGGED:
+            self.log.warning("further warnings about this instance are counted, not logged")
+
+    def end_warnings(self) -> None:
+        if self.warnings > WARNINGS_LOGGED:
+            self.log.warning("%d more warnings not logged", self.warnings - WARNINGS_LOGGED)
 
     # ---- limits -------------------------------------------------------------------------------
     def cpu_remaining(self) -> float:

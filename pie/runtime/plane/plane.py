@@ -27,6 +27,7 @@ from pie.control.scheduler import BatchScheduler
 from pie.engine.request import Greedy, Sample, SampleResult, SamplerSpec
 from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError
+from pie.runtime.limits import InstanceLimits
 from pie.runtime.messaging import MessageBus, Subscription
 from pie.runtime.plane.generation import Generation
 from pie.runtime.plane.requests import forward_request
@@ -69,6 +70,7 @@ class ControlPlane:
         scheduler: BatchScheduler,
         bus: MessageBus,
         instances: Instances,
+        kv_share: float = 1.0,
     ) -> None:
         self.engine = engine
         self.pool = pool
@@ -77,13 +79,23 @@ class ControlPlane:
         self.scheduler = scheduler
         self.bus = bus
         self.instances = instances
+        self.default_kv_pages = default_quota(engine, pool.num_pages, kv_share)
         self._lock = threading.Lock()
         self._owners: dict[int, OwnerState] = {}
 
     # ---- instance life ----------------------------------------------------------------------
-    def register(self, owner: int, session: Any, kv_pages: int | None) -> None:
-        if kv_pages:
-            self.pool.set_quota(owner, kv_pages)
+    def register(self, owner: int, session: Any, limits: InstanceLimits) -> None:
+        """Takes `owner` in: its page quota (its own, else the default share), the pages set
+        aside for it (PoolExhaustedError if the pool cannot), its priority for pages."""
+        quota = limits.kv_pages if limits.kv_pages is not None else self.default_kv_pages
+        if quota is not None and limits.kv_reserve > quota:
+            raise HostError(
+                f"kv_reserve of {limits.kv_reserve} pages is more than the instance may hold "
+                f"({quota}); raise kv_pages too"
+            )
+        self.pool.set_aside(owner, limits.kv_reserve)
+        self.pool.set_quota(owner, quota)
+        self.scheduler.set_priority(owner, limits.priority)
         with self._lock:
             self._owners[owner] = OwnerState(session)
 
@@ -364,6 +376,15 @@ class ControlPlane:
 
     def cancel_child(self, owner: int, child: int, reason: str) -> None:
         self.instances.cancel_child(owner, child, reason)
+
+
+def default_quota(engine: Any, num_pages: int, share: float) -> int | None:
+    """The page quota of an instance launched with no `kv_pages` limit: `share` of the pool,
+    so that one program cannot take every page and leave the others nothing to start with,
+    but never less than one context of the model's full length (None: the whole pool)."""
+    one_context = -(-int(engine.max_position) // int(engine.page_size))
+    quota = max(int(num_pages * share), one_context)
+    return None if quota >= num_pages else quota
 
 
 def _never(tokens: list[int], sampler: Any) -> cf.Future[list[SampleResult]]:

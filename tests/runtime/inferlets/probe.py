@@ -201,10 +201,14 @@ def malformed() -> str:
         _errors(
             {
                 "wait-any-over-limit": lambda: wit.poll.wait_any([ready] * 65537, 0),
-                "encode-over-limit": lambda: wit.model.encode(model.handle, big),
+                "encode-over-limit": lambda: wit.model.encode(model.handle, "a" * (2**20 + 1)),
                 "push-over-limit": lambda: wit.messaging.push("big", big),
                 "send-over-limit": lambda: wit.session.send(big),
                 "position-past-model": lambda: ctx.submit([5], [], positions=[10**9]),
+                "token-negative": lambda: ctx.submit([-1], []),
+                "token-past-u32": lambda: ctx.submit([2**32], []),
+                "position-negative": lambda: ctx.submit([5], [], positions=[-1]),
+                "prompt-past-context": lambda: Context().fill_tokens([5] * 10**5),
                 "output-past-tokens": lambda: ctx.submit([5], [(3, Greedy())]),
                 "logit-mask-bans-all": lambda: ctx.submit([5], [(0, Greedy())], logit_mask=[vocab]),
                 "reserve-the-world": lambda: wit.kv.reserve(ctx.handle, 2**32 - 1),
@@ -341,6 +345,22 @@ async def hold_pages(n: str) -> str:
         await pull("never")
 
 
+async def hold_contexts(n: str, each: str) -> str:
+    """`n` contexts of `each` tokens, held until stopped."""
+    held = []
+    for _ in range(int(n)):
+        ctx = Context()
+        ctx.fill("x" * int(each))
+        await ctx.flush()
+        held.append(ctx)
+    while True:
+        await pull("never")
+
+
+def fail(size: str) -> str:
+    raise RuntimeError("e" * int(size))
+
+
 async def messaging(n: str) -> str:
     count = int(n)
     children = [launch(["worker", str(i)]) for i in range(count)]
@@ -421,6 +441,9 @@ async def main(args: list[str]) -> str:
         "handle-flood": handle_flood,
         "fork-bomb": fork_bomb,
         "hold-pages": hold_pages,
+        "hold-contexts": hold_contexts,
+        "fail": fail,
+        "big-result": lambda size: "r" * int(size),
         "messaging": messaging,
         "worker": worker,
         "cancel-child": cancel_child,
