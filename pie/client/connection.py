@@ -205,10 +205,12 @@ class PieClient:
         kv_pages: int | None = None,
         kv_reserve: int = 0,
         priority: int = 0,
+        http_hosts: list[str] | None = None,
     ) -> RemoteInstance:
         """Starts `program` (hash or name); its events stream unless `detached`. `kv_pages`
         caps its KV pages, `kv_reserve` claims that many up front, `priority` ranks it when
-        the pool is short (docs/api.md, "Sharing the KV pool")."""
+        the pool is short (docs/api.md, "Sharing the KV pool"); `http_hosts` narrows the hosts
+        it may reach over HTTP."""
         frame = f.Launch(
             program=program,
             args=list(args or []),
@@ -216,6 +218,7 @@ class PieClient:
             kv_pages=kv_pages,
             kv_reserve=kv_reserve,
             priority=priority,
+            http_hosts=http_hosts,
         )
         # Registered before the reply comes: the instance's events follow it at once.
         frame.id = next(self._ids)

@@ -77,10 +77,10 @@ class PieClientSync:
         return self._call(self.client.upload(wasm, name))
 
     def launch(
-        self, program: str, args: list[str] | None = None, *, detached: bool = False, **kv: int
+        self, program: str, args: list[str] | None = None, *, detached: bool = False, **kw: Any
     ) -> SyncInstance:
-        """`PieClient.launch`; `kv`: its kv_pages, kv_reserve and priority."""
-        launching = self.client.launch(program, args, detached=detached, **kv)  # type: ignore[arg-type]
+        """`PieClient.launch`; `kw`: its kv_pages, kv_reserve, priority and http_hosts."""
+        launching = self.client.launch(program, args, detached=detached, **kw)
         return SyncInstance(self, self._call(launching))
 
     def attach(self, instance_id: int) -> SyncInstance:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pie.control.errors import ContextClosedError, InvalidRequestError
+from pie.control.errors import ContextClosedError, InvalidRequestError, PoolExhaustedError
 from pie.control.exports import ExportRegistry
 from pie.control.page_pool import OwnerId, PagePool
 
@@ -60,6 +60,10 @@ class KvContext:
     closed: bool = False
     swapped: SwappedPages | None = None  # pages in host memory (their ids here are SWAPPED)
     in_flight: int = 0  # forwards reserved and not yet settled (swap only at 0)
+    # The token in each slot, while every forward went in with default positions and no mask
+    # (None after any other): what the prefix cache may key its pages by.
+    tokens: list[int] | None = field(default_factory=list)
+    cache_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first pages
 
 
 class CopySink(Protocol):
@@ -107,6 +111,9 @@ class ContextManager:
         # forwards under its own lock, which may not wait for this manager's.
         self._flight = threading.Lock()
         self.swapped_pages = 0  # pages of all contexts now in host memory
+        # Called with the pages an allocation lacks before it fails (the prefix cache gives
+        # back pages only it holds); returns how many it freed.
+        self.reclaim: Callable[[int], int] | None = None
         sink.bind_contexts(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -122,13 +129,37 @@ class ContextManager:
             self._resident(ctx)
             shared = ctx.pages[: self._pages_for(ctx.length)]
             self._pool.retain(ctx.owner, shared)
-            return self._new(ctx.owner, list(shared), ctx.length, ctx.hidden.copy())
+            child = self._new(ctx.owner, list(shared), ctx.length, ctx.hidden.copy())
+            child.tokens = None if ctx.tokens is None else ctx.tokens[: ctx.length]
+            child.cache_keys = ctx.cache_keys[: ctx.length // self.page_size]
+            return child
 
     def import_(self, owner: OwnerId, name: str) -> KvContext:
         """A new context on the pages exported as `name` (shared; appends copy the last page)."""
         pages, length = self._exports.import_(owner, name)
         with self._lock:
-            return self._new(owner, pages, length, _no_hidden())
+            ctx = self._new(owner, pages, length, _no_hidden())
+            ctx.tokens = None  # the exporter's record does not travel with its pages
+            return ctx
+
+    def adopt(self, ctx: KvContext, pages: list[int], tokens: list[int], keys: list[bytes]) -> None:
+        """An empty context takes `pages` (references already held for its owner: the prefix
+        cache's, keyed `keys`) as its first slots, filled with `tokens`."""
+        with self._lock:
+            self._check_open(ctx)
+            if ctx.length or ctx.pages:
+                raise InvalidRequestError("only an empty context adopts cached pages")
+            ctx.pages = list(pages)
+            ctx.length = len(tokens)
+            ctx.tokens = list(tokens)
+            ctx.cache_keys = list(keys)
+
+    def unadopt(self, ctx: KvContext) -> None:
+        """Undoes `adopt` (the forward that adopted the pages could not be admitted)."""
+        with self._lock:
+            if not ctx.closed and not ctx.in_flight:
+                self._pool.release(ctx.owner, ctx.pages)
+                ctx.pages, ctx.length, ctx.tokens, ctx.cache_keys = [], 0, [], []
 
     def export(self, ctx: KvContext, name: str) -> None:
         """Publish `ctx`'s filled pages and length under `name`."""
@@ -186,6 +217,9 @@ class ContextManager:
             self._pool.release(ctx.owner, ctx.pages[keep:])
             del ctx.pages[keep:]
             ctx.length = length
+            if ctx.tokens is not None:
+                del ctx.tokens[length:]
+            del ctx.cache_keys[length // self.page_size :]
             ctx.hidden = ctx.hidden[:length].copy()
 
     def mask(self, ctx: KvContext, start: int, end: int, hidden: bool) -> None:
@@ -201,6 +235,7 @@ class ContextManager:
                 grown[: len(ctx.hidden)] = ctx.hidden
                 ctx.hidden = grown
             ctx.hidden[start:end] = hidden
+            ctx.tokens = None  # later slots are computed under the mask: not a plain prefix
 
     def hidden_before(self, ctx: KvContext, end: int) -> np.ndarray | None:
         """Bool [end]: which of slots 0 .. end-1 are hidden; None when none is."""
@@ -215,7 +250,9 @@ class ContextManager:
             return out
 
     # ---- growth -------------------------------------------------------------------------------
-    def reserve(self, ctx: KvContext, n: int) -> tuple[int, list[int]]:
+    def reserve(
+        self, ctx: KvContext, n: int, tokens: list[int] | None = None
+    ) -> tuple[int, list[int]]:
         """Reserve slots [length, length + n) for a forward; returns (start slot, page ids).
 
         Allocates the pages they need, copying a shared partial last page first. On
@@ -229,6 +266,11 @@ class ContextManager:
             start = ctx.length
             self._grow(ctx, start + n)
             ctx.length = start + n
+            if ctx.tokens is not None:  # `tokens`: the slots' tokens, when plainly appended
+                if tokens is not None and len(ctx.tokens) == start:
+                    ctx.tokens.extend(tokens)
+                else:
+                    ctx.tokens = None
             with self._flight:
                 ctx.in_flight += 1
             return start, list(ctx.pages)
@@ -296,7 +338,7 @@ class ContextManager:
         swapped = ctx.swapped
         if swapped is None:
             return
-        fresh = self._pool.allocate(ctx.owner, len(swapped.indexes))
+        fresh = self._allocate(ctx.owner, len(swapped.indexes))
         for i, page in zip(swapped.indexes, fresh, strict=True):
             ctx.pages[i] = page
         self._sink.queue_restore(fresh, swapped.data)
@@ -335,13 +377,23 @@ class ContextManager:
             end > ctx.length and partial is not None and self._pool.refcount(ctx.pages[partial]) > 1
         )
         missing = max(0, self._pages_for(end) - len(ctx.pages))
-        fresh = self._pool.allocate(ctx.owner, missing + int(cow))  # raises with nothing taken
+        fresh = self._allocate(ctx.owner, missing + int(cow))  # raises with nothing taken
         if cow and partial is not None:
             old, new = ctx.pages[partial], fresh.pop(0)
             self._sink.queue_copies([(old, new, ctx.length % ps)])
             ctx.pages[partial] = new
             self._pool.release(ctx.owner, [old])  # still held by the other sharers
         ctx.pages.extend(fresh)
+
+    def _allocate(self, owner: OwnerId, n: int) -> list[int]:
+        """`n` fresh pages for `owner`; short of them, first `reclaim` what the pool lacks."""
+        try:
+            return self._pool.allocate(owner, n)
+        except PoolExhaustedError:
+            lacking = n - self._pool.available(owner)
+            if self.reclaim is None or self.reclaim(lacking) < lacking:
+                raise
+            return self._pool.allocate(owner, n)
 
     def _pages_for(self, slots: int) -> int:
         return -(-slots // self.page_size)

@@ -40,6 +40,7 @@ from pie.control.errors import (
 from pie.control.forward import ForwardRequest, build_sequence, check_request
 from pie.control.pacing import DECODE_LATENCY_FACTOR, LONG_PROMPT_STEPS, PrefillPacer
 from pie.control.page_waits import PageWaiting, PageWaitQueue
+from pie.control.prefix_cache import PrefixCache, plain, served
 from pie.engine.errors import EngineError
 from pie.engine.request import ForwardBatch, SampleResult
 
@@ -141,6 +142,7 @@ class BatchScheduler(PageWaiting):
             engine.num_pages if max_swapped_pages is None else max_swapped_pages
         )
         self.preempted_pages = 0
+        self.prefix_cache: PrefixCache | None = None  # set by the runtime when caching is on
         # Prompts longer than `long_prompt_tokens` (default: four steps' budget) go beside
         # decoders at a pace that keeps their steps within `decode_latency_factor` times a
         # decode-only step (None: the token budget alone); see pacing.py.
@@ -452,6 +454,8 @@ class BatchScheduler(PageWaiting):
         return None
 
     def _finish_step(self, chunks: list[Chunk], error: Exception | None) -> None:
+        if self.prefix_cache is not None:
+            self._offer_pages([c.forward for c in chunks if c.last], error)
         with self._cond:
             self._running = []
             if chunks:
@@ -470,6 +474,22 @@ class BatchScheduler(PageWaiting):
             return
         for forward in finished:  # every output slot was filled by one of its chunks
             resolve(forward.future, cast(list[SampleResult], forward.results), None)
+
+    def _offer_pages(self, forwards: list[PendingForward], error: Exception | None) -> None:
+        """The full pages finished forwards wrote go to the prefix cache; a failed forward's
+        context is never offered again (its slots hold no KV)."""
+        assert self.prefix_cache is not None
+        for forward in forwards:
+            ctx = forward.context
+            if error is not None:
+                ctx.tokens = None
+            tokens = ctx.tokens
+            if tokens is None or ctx.swapped is not None or ctx.closed:
+                continue
+            end = forward.seq.context_len + len(forward.seq.tokens)
+            if end // self.page_size > len(ctx.cache_keys):
+                pages = ctx.pages[: end // self.page_size]
+                ctx.cache_keys += self.prefix_cache.offer(tokens[:end], pages, ctx.cache_keys)
 
     # ---- bookkeeping (lock held) --------------------------------------------------------------
     def _retire(self, forwards: Iterable[PendingForward]) -> list[PendingForward]:
@@ -504,8 +524,16 @@ class BatchScheduler(PageWaiting):
         if contexts is None:
             raise ControlError("no ContextManager uses this scheduler; create one with it first")
         check_request(request)
+        asked = request
+        if self.prefix_cache is not None:  # an empty context may start on cached pages
+            request = served(self.prefix_cache, contexts, request)
         ctx, n = request.context, len(request.tokens)
-        start, pages = contexts.reserve(ctx, n)
+        try:
+            start, pages = contexts.reserve(ctx, n, request.tokens if plain(request) else None)
+        except BaseException:
+            if request is not asked:
+                contexts.unadopt(ctx)
+            raise
         try:
             seq, splittable = build_sequence(
                 request, start, pages, contexts.hidden_before(ctx, start)

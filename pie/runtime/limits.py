@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the hosts an inferlet may call by default
+
 # The default page quota of an instance launched without `kv_pages`, as a share of the pool
 # (never less than one context of the model's full length: `plane.default_quota`).
 KV_SHARE = 0.5
@@ -41,3 +43,9 @@ class InstanceLimits:
     # The result or error text an instance ends with: past it the head is kept and the rest
     # cut, with a note of how much (the text goes to the client, the log and a terminal).
     max_result_bytes: int = 4 * 2**20
+    # Outgoing HTTP (`http` interface): the hosts it may reach (exact names, or "*.domain"),
+    # requests in flight at once, and the most one exchange may take. A response may be up to
+    # `max_message_bytes`.
+    http_hosts: tuple[str, ...] = LOOPBACK
+    http_in_flight: int = 8
+    http_timeout_s: float = 30.0

@@ -45,7 +45,7 @@ from pie.engine.request import (
 from pie.runtime.build import cache_dir
 from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceFailed, InstanceTrap
-from pie.runtime.host import forward, model
+from pie.runtime.host import forward, http, model
 from pie.runtime.host.forward import LogitsRef
 from pie.runtime.host.state import InstanceHost, current_host
 from pie.runtime.wasm_bindings import FUNCTIONS, PLAIN
@@ -257,7 +257,23 @@ def _overrides(modules: dict[str, Any]) -> dict[str, dict[str, Callable[..., Any
         i = model.info(h, m)
         return md.ModelInfo(i.name, i.vocab_size, i.page_size, i.max_position)
 
+    hp = modules["http"]
+
+    def request_of(r: Any) -> http.HttpRequest:
+        timeout = None if r.timeout is None else int(r.timeout) / 1000
+        headers = [(x.name, x.value) for x in r.headers]
+        return http.HttpRequest(r.method, r.url, headers, bytes(r.body), timeout)
+
+    def response(h: InstanceHost, f: int) -> Any:
+        got = http.take_response(h, f)
+        headers = [hp.Header(n, v) for n, v in got.headers]
+        return hp.Response(got.status, headers, got.body)
+
     return {
+        "http": {
+            "fetch": lambda h, r: http.fetch(h, request_of(r)),
+            "take-response": response,
+        },
         "forward": {
             "execute": lambda h, c, a: forward.execute(h, c, call_of(a)),
             "execute-many": execute_many,

@@ -26,6 +26,7 @@ from pie.control.context import ContextManager
 from pie.control.exports import ExportRegistry
 from pie.control.pacing import DECODE_LATENCY_FACTOR
 from pie.control.page_pool import PagePool
+from pie.control.prefix_cache import PrefixCache
 from pie.runtime.build import build_inferlet, cache_dir, source_hash
 from pie.runtime.errors import HostError, InstanceFailed, LaunchError
 from pie.runtime.host.control_port import ControlPort, LocalControl
@@ -60,6 +61,7 @@ class Runtime:
         workers: int | None = None,
         kv_share: float = KV_SHARE,
         decode_latency_factor: float | None = DECODE_LATENCY_FACTOR,
+        prefix_cache: bool = False,
     ) -> None:
         from pie.control.scheduler import BatchScheduler
 
@@ -72,6 +74,11 @@ class Runtime:
             engine, max_batch_tokens=max_batch_tokens, decode_latency_factor=decode_latency_factor
         )
         self.contexts = ContextManager(self.pool, self.exports, self.scheduler)
+        # Automatic prefix caching (prefix_cache.py): off here, on in `pie serve` by default.
+        self.prefix_cache = PrefixCache(self.pool, engine.page_size) if prefix_cache else None
+        if self.prefix_cache is not None:
+            self.scheduler.prefix_cache = self.prefix_cache
+            self.contexts.reclaim = self.prefix_cache.evict
         self.scheduler.start()
         self.bus = MessageBus()
         self.plane = ControlPlane(
@@ -303,6 +310,8 @@ class Runtime:
         if self.workers is not None:
             self.workers.close()
         self.scheduler.stop()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self.sandbox.close()
 
     def __enter__(self) -> Runtime:

@@ -39,7 +39,7 @@ from pie.engine.request import (
 from pie.runtime import wasm_calls
 from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceTrap
-from pie.runtime.host import forward, kv, messaging, model, poll, runtime_api, session
+from pie.runtime.host import forward, http, kv, messaging, model, poll, runtime_api, session
 from pie.runtime.host.forward import LogitsRef
 from pie.runtime.host.state import InstanceHost
 from pie.runtime.wit import interface_name
@@ -243,7 +243,35 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
         "next": (messaging.next_message, RESULT),
         "unsubscribe": (messaging.unsubscribe, RESULT),
     },
+    "http": {
+        "fetch": (lambda h, r: http.fetch(h, http_request_from_wasm(r)), RESULT),
+        "take-response": (
+            lambda h, f: http_response_to_wasm(http.take_response(h, f)),
+            RESULT,
+        ),
+    },
 }
+
+
+def http_request_from_wasm(req: Any) -> http.HttpRequest:
+    timeout = _field(req, "timeout")
+    return http.HttpRequest(
+        method=str(_field(req, "method")),
+        url=str(_field(req, "url")),
+        headers=[(str(_field(x, "name")), str(_field(x, "value"))) for x in _field(req, "headers")],
+        body=bytes(_field(req, "body")),
+        timeout_s=None if timeout is None else int(timeout) / 1000,
+    )
+
+
+def http_response_to_wasm(response: http.HttpResponse) -> wc.Record:
+    def record(**fields: Any) -> wc.Record:
+        out = wc.Record()
+        out.__dict__.update(fields)
+        return out
+
+    headers = [record(name=n, value=v) for n, v in response.headers]
+    return record(status=response.status, headers=headers, body=response.body)
 
 
 # wasmtime's epoch-deadline callback: (context, data, *delta, *kind) -> a wasmtime_error_t

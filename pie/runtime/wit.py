@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = "pie:inferlet"
 VERSION = "0.1.0"
 WORLD = "inferlet"
-INTERFACES = ("runtime", "poll", "model", "kv", "forward", "session", "messaging")
+INTERFACES = ("runtime", "poll", "model", "kv", "forward", "session", "messaging", "http")
 
 
 def wit_dir() -> Path:

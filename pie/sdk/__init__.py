@@ -4,6 +4,7 @@ An inferlet is a module with `def main(args) -> str` (or `async def`). The same 
 the WebAssembly sandbox (componentize-py bindings) and natively (`pie run --native`).
 """
 
+from pie.sdk import http  # outgoing HTTP: `await http.fetch(url)` (bundled into every build)
 from pie.sdk._wit import PieError
 from pie.sdk.chat import Chat
 from pie.sdk.context import Context
@@ -64,6 +65,7 @@ __all__ = [
     "allowed_tokens",
     "args",
     "broadcast",
+    "http",
     "instance_id",
     "launch",
     "messages",

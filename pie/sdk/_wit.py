@@ -14,7 +14,7 @@ from typing import Any
 
 try:
     from componentize_py_types import Err, Ok
-    from wit_world.imports import forward, kv, messaging, model, poll, runtime, session
+    from wit_world.imports import forward, http, kv, messaging, model, poll, runtime, session
 except ImportError:  # on the host, outside `pie run`: `help()`, editors, the reference docs
     # The same generated bindings, routed to the host as `--native` routes them: importing
     # and reading the SDK works; a host call outside an inferlet says where it can run.
@@ -22,7 +22,7 @@ except ImportError:  # on the host, outside `pie run`: `help()`, editors, the re
 
     install()
     from componentize_py_types import Err, Ok
-    from wit_world.imports import forward, kv, messaging, model, poll, runtime, session
+    from wit_world.imports import forward, http, kv, messaging, model, poll, runtime, session
 
 __all__ = [
     "Err",
@@ -30,6 +30,7 @@ __all__ = [
     "PieError",
     "call",
     "forward",
+    "http",
     "kv",
     "messaging",
     "model",

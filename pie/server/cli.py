@@ -65,6 +65,13 @@ def add_serve_command(subparsers: Any) -> None:
         choices=["debug", "info", "warning", "error"],
         help="what the server logs (default info)",
     )
+    serve.add_argument(
+        "--no-prefix-cache",
+        action="store_false",
+        default=None,
+        dest="prefix_cache",
+        help="do not keep KV pages for reuse by later prompts with the same prefix",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of errors")
     serve.set_defaults(handler=_serve)
 
@@ -84,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             "token",
             "drain_grace_s",
             "log_level",
+            "prefix_cache",
         )
     }
     if flags["token"] is None and os.environ.get(TOKEN_ENV):
@@ -152,6 +160,7 @@ def _make_runtime(engine: Any, config: ServerConfig) -> Any:
         "max_instances": config.max_instances,
         "decode_latency_factor": config.decode_latency_factor or None,
         "kv_share": config.kv_share,
+        "prefix_cache": config.prefix_cache,
     }
     if config.workers is not None:
         if "workers" not in inspect.signature(Runtime).parameters:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pie.control.pacing import DECODE_LATENCY_FACTOR
-from pie.runtime.limits import KV_SHARE, InstanceLimits
+from pie.runtime.limits import KV_SHARE, LOOPBACK, InstanceLimits
 
 
 class ConfigError(ValueError):
@@ -41,6 +41,12 @@ class ServerConfig:
     # The KV pages an instance may hold by default, as a share of the pool (at least one full
     # context); 1 lets one instance take the whole pool.
     kv_share: float = KV_SHARE
+    # Automatic prefix caching: full KV pages kept by their tokens and reused by later prompts
+    # with the same prefix (the OpenAI endpoints' repeated system prompts and conversations).
+    prefix_cache: bool = True
+    # Hosts inferlets may reach over HTTP (exact names or "*.domain"); a launch may ask for
+    # fewer. Loopback only by default.
+    http_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK))
     # Bearer token clients must present; None admits loopback clients only.
     token: str | None = None
     max_frame_bytes: int = 4 * 2**20  # largest WebSocket frame the protocol accepts
@@ -123,4 +129,5 @@ class ServerConfig:
             memory_bytes=self.memory_mb * 2**20,
             cpu_seconds=self.cpu_seconds,
             wall_seconds=self.wall_seconds,
+            http_hosts=tuple(self.http_hosts),
         )

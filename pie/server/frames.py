@@ -67,6 +67,8 @@ class Launch(Frame, tag="launch"):
     kv_reserve: Annotated[int, msgspec.Meta(ge=0)] = 0
     # Rank when the pool is short: higher waits less and may swap lower ones' pages out.
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
+    # Hosts it may reach over HTTP: some of those the server allows (None: all of them).
+    http_hosts: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
 
 
 class Attach(Frame, tag="attach"):

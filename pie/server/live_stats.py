@@ -71,7 +71,7 @@ class LiveStats:
         sample = StatsSample(
             t=time.time(),
             instances=len(runtime.instances()),
-            pages_used=int(runtime.pool.used_count),
+            pages_used=self.state.page_counts()["used"],  # programs' pages, not the cache's
             pages_free=int(runtime.pool.free_count),
             queue_depth=int(runtime.scheduler.stats.queue_depth),
             batch_sequences=(totals.sequences - last.sequences) / steps if steps > 0 else 0.0,

@@ -31,6 +31,18 @@ class ServerMetrics:
         self.pages_used = Gauge("pie_kv_pages_used", "KV pages in use", registry=r)
         self.pages_free = Gauge("pie_kv_pages_free", "KV pages free", registry=r)
         self.pages_total = Gauge("pie_kv_pages_total", "KV pages in the pool", registry=r)
+        self.cache_pages = Gauge(
+            "pie_prefix_cache_pages", "KV pages the prefix cache keeps", registry=r
+        )
+        self.cache_queried = Gauge(
+            "pie_prefix_cache_queried_tokens", "Prompt tokens looked up in the cache", registry=r
+        )
+        self.cache_hits = Gauge(
+            "pie_prefix_cache_hit_tokens", "Prompt tokens served from the cache", registry=r
+        )
+        self.cache_hit_rate = Gauge(
+            "pie_prefix_cache_hit_rate", "Hit tokens over queried tokens", registry=r
+        )
         self.queue_depth = Gauge(
             "pie_scheduler_queue_depth", "Forwards waiting for the engine", registry=r
         )
@@ -86,6 +98,13 @@ class ServerMetrics:
         self.pages_used.set(pool.used_count)
         self.pages_free.set(pool.free_count)
         self.pages_total.set(pool.num_pages)
+        cache = getattr(runtime, "prefix_cache", None)
+        if cache is not None:
+            stats = cache.stats
+            self.cache_pages.set(stats.pages)
+            self.cache_queried.set(stats.queried_tokens)
+            self.cache_hits.set(stats.hit_tokens)
+            self.cache_hit_rate.set(stats.hit_tokens / max(stats.queried_tokens, 1))
         self.running.set(len(runtime.instances()))
         self.queue_depth.set(runtime.scheduler.stats.queue_depth)
         self.draining.set(1 if draining else 0)

@@ -83,6 +83,19 @@ class ServerState:
         instance.done.add_done_callback(self._count_outcome)
         return instance
 
+    def page_counts(self) -> dict[str, int]:
+        """The pool: pages programs hold (`used`), pages only the prefix cache holds
+        (`reusable`: given back on demand), `free`, `total`, and all the cache keeps."""
+        pool, cache = self.runtime.pool, self.runtime.prefix_cache
+        reusable = cache.reusable() if cache is not None else 0
+        return {
+            "used": int(pool.used_count) - reusable,
+            "reusable": reusable,
+            "free": int(pool.free_count),
+            "total": int(pool.num_pages),
+            "cached": cache.stats.pages if cache is not None else 0,
+        }
+
     def _count_outcome(self, done: cf.Future[str]) -> None:
         if done.cancelled() or done.exception() is not None:
             self.metrics.errors.labels("instance_failed").inc()
@@ -98,7 +111,6 @@ class ServerState:
     def info(self) -> dict[str, Any]:
         """The model, the pool and the scheduler now (the protocol's `info`, the web page)."""
         engine = self.engine
-        pool = self.runtime.pool
         stats = self.runtime.scheduler.stats
         return {
             "version": __version__,
@@ -107,11 +119,7 @@ class ServerState:
             "max_position": int(engine.max_position),
             "page_size": int(getattr(engine, "page_size", 0)),
             "device": str(getattr(engine, "device", "")),
-            "pages": {
-                "used": int(pool.used_count),
-                "free": int(pool.free_count),
-                "total": int(pool.num_pages),
-            },
+            "pages": self.page_counts(),
             "scheduler": {
                 "steps": int(stats.steps),
                 "forwards": int(stats.forwards),

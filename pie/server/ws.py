@@ -273,6 +273,16 @@ class Connection:
             kv_reserve=frame.kv_reserve,
             priority=frame.priority,
         )
+        if frame.http_hosts is not None:
+            beyond = sorted(set(frame.http_hosts) - set(limits.http_hosts))
+            if beyond:
+                raise f.FrameError(
+                    "launch_failed",
+                    f"http_hosts {beyond} are not among those this server allows "
+                    f"({list(limits.http_hosts)})",
+                    frame.id,
+                )
+            limits = dataclasses.replace(limits, http_hosts=tuple(frame.http_hosts))
         try:
             handle = await asyncio.to_thread(
                 partial(state.launch, digest, frame.args, channel, limits=limits)

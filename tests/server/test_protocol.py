@@ -44,10 +44,15 @@ def test_a_launch_claims_kv_pages_and_a_priority(server: ServerProcess, chatty: 
                 await client.launch(chatty, ["stream", "3"], kv_reserve=10**7)
             with pytest.raises(ServerError) as out_of_range:
                 await client.launch(chatty, ["stream", "3"], priority=1000)
-            return result, str(too_big.value), str(out_of_range.value)
+            with pytest.raises(ServerError) as wider:
+                await client.launch(chatty, ["stream", "3"], http_hosts=["example.com"])
+            narrower = await client.launch(chatty, ["stream", "3"], http_hosts=["localhost"])
+            await narrower.wait()
+            return result, str(too_big.value), str(out_of_range.value) + str(wider.value)
 
     result, too_big, out_of_range = run(go())
     assert result.strip()
+    assert "http_hosts ['example.com'] are not among those this server allows" in out_of_range
     assert "cannot set aside 10000000 pages" in too_big or "more than the instance" in too_big
     assert "priority" in out_of_range
 
@@ -215,7 +220,10 @@ def test_info_reports_model_pool_and_scheduler(server: ServerProcess) -> None:
     info = run(go())
     assert info["model"] == "smollm2-135m-instruct"
     assert info["vocab_size"] == 49152
-    assert info["pages"] == {"used": 0, "free": 320, "total": 320}
+    pages = info["pages"]
+    assert isinstance(pages, dict) and pages["used"] == 0 and pages["total"] == 320
+    assert pages["free"] + pages["reusable"] == 320  # the rest the prefix cache keeps
+    assert pages["cached"] >= pages["reusable"]
     assert set(info["scheduler"]) >= {"steps", "tokens", "mean_sequences_per_step"}
 
 
@@ -287,7 +295,9 @@ def test_close_input_ends_the_programs_receives(server: ServerProcess, chatty: s
     echoed, failed, refused = run(go())
     assert echoed == ["echo:one"]
     assert "EndOfInput: end-of-input: the client closed its input" in str(failed)
-    assert refused.code == "input_closed"
+    # Refused either way: while the program lives, as `input_closed`; once its receive has
+    # raised and it has ended (a loaded machine gets there first), as `unknown_instance`.
+    assert refused.code in ("input_closed", "unknown_instance")
 
 
 def test_pie_run_server_ends_the_chat_at_the_end_of_stdin(server: ServerProcess) -> None:

@@ -57,6 +57,11 @@ class HandleTable:
         with self._lock:
             return [(h, obj) for h, (k, obj) in self._items.items() if k == kind]
 
+    def values(self, kind: str) -> list[Any]:
+        """The open objects of `kind`."""
+        with self._lock:
+            return [obj for k, obj in self._items.values() if k == kind]
+
     def drain(self) -> list[tuple[str, Any]]:
         """Removes and returns every open handle (kind, object), newest first."""
         with self._lock:

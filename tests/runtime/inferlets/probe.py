@@ -357,6 +357,29 @@ async def hold_contexts(n: str, each: str) -> str:
         await pull("never")
 
 
+async def fetch_url(url: str, timeout: str = "") -> str:
+    """One HTTP request: its status and body, or the error."""
+    from pie.sdk import http
+
+    try:
+        reply = await http.fetch(url, timeout=float(timeout) if timeout else None)
+    except PieError as e:
+        return json.dumps({"error": str(e)})
+    return json.dumps({"status": reply.status, "body": reply.text()})
+
+
+async def fetch_many(url: str, n: str) -> str:
+    """`n` requests started at once, then awaited together: statuses, or the first error."""
+    from pie.sdk import http
+
+    try:
+        started = [http.start(url) for _ in range(int(n))]
+        replies = await asyncio.gather(*(http.response(f) for f in started))
+    except PieError as e:
+        return json.dumps({"error": str(e)})
+    return json.dumps({"statuses": [r.status for r in replies]})
+
+
 def fail(size: str) -> str:
     raise RuntimeError("e" * int(size))
 
@@ -443,6 +466,8 @@ async def main(args: list[str]) -> str:
         "hold-pages": hold_pages,
         "hold-contexts": hold_contexts,
         "fail": fail,
+        "fetch": fetch_url,
+        "fetch-many": fetch_many,
         "big-result": lambda size: "r" * int(size),
         "messaging": messaging,
         "worker": worker,
