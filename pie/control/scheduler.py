@@ -546,5 +546,7 @@ class BatchScheduler(PageWaiting):
             self.engine.validate(seq)
         except BaseException:
             contexts.unreserve(ctx, start, start + n)
+            if request is not asked:  # refused: the context is as empty as it was asked on
+                contexts.unadopt(ctx)
             raise
         return PendingForward(seq, ctx, future, splittable, [None] * len(seq.outputs))

@@ -95,3 +95,16 @@ def test_a_failed_forward_is_never_offered(make_stack: Callable[..., Stack]) -> 
     ok = stack.scheduler.submit(ForwardRequest(ctx, [1, 2, 3, 4, 5]))
     ok.result(timeout=10)
     assert ctx.tokens is None and cache.stats.pages == 0
+
+
+def test_a_refused_forward_leaves_its_context_empty(make_stack: Callable[..., Stack]) -> None:
+    stack, cache = cached(make_stack)
+    prompt = list(range(100, 113))
+    seen(stack, 1, prompt)
+    ctx = stack.contexts.create(2)
+    bad = ForwardRequest(ctx, [*prompt[:12], stack.engine.vocab_size], outputs=[(12, RawLogits())])
+    with pytest.raises(Exception, match="vocabulary"):
+        stack.scheduler.submit(bad).result(timeout=10)
+    assert ctx.length == 0 and ctx.pages == [] and stack.pool.owned(2) == {}
+    assert seen(stack, 2, prompt) == prompt  # the same owner starts again, from the cache
+    assert cache.stats.hit_tokens == 24  # both times on the cached 12 (the refused one too)
