@@ -75,6 +75,28 @@ def tools() -> Iterator[ToolServer]:
     server.shutdown()
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["wasm", "native"])
+def test_async_tools_decodes_while_its_tool_call_is_in_flight(
+    runtime: Runtime, tools: ToolServer, native: bool
+) -> None:
+    from tests.runtime.conftest import ROOT
+
+    name = f"async-tools-{native}"
+    if not runtime.has_program(name):
+        runtime.add_source(ROOT / "inferlets" / "async_tools.py", name=name, native=native)
+    with socket.socket() as s:  # a port nothing listens on: the tool is down
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    for url, seen in (
+        (tools.url + "/slow", "tool status 200: hello from the tool"),
+        (down, "tool failed"),
+    ):
+        done = runtime.launch(name, [url, "hi"], native=native)
+        out = json.loads(done.wait(60))
+        assert out["tokens_while_waiting"] >= 1  # the model wrote while the request ran
+        assert seen in out["observation"] and out["answer"]
+
+
 def _fetch(runtime: Runtime, args: list[str], native: bool, **limits: object) -> dict[str, object]:
     program = "probe-native" if native else "probe"
     launched = runtime.launch(
