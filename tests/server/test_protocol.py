@@ -284,7 +284,12 @@ def test_close_input_ends_the_programs_receives(server: ServerProcess, chatty: s
             echo = await client.launch(chatty, ["echo"])
             await echo.send("one")
             await echo.close_input()
-            await echo.close_input()  # twice: harmless
+            # From here the program may end at any moment (its receive raises): a second
+            # close is harmless while it lives, and `unknown_instance` once it has ended.
+            try:
+                await echo.close_input()
+            except ServerError as gone:
+                assert gone.code == "unknown_instance"
             with pytest.raises(ServerError) as refused:
                 await echo.send("late")
             echoed = [e.text or "" async for e in echo.events() if e.kind == "message"]
