@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pie.control.errors import ContextClosedError, InvalidRequestError, PoolExhaustedError
+from pie.control.errors import ContextClosedError, InvalidRequestError
 from pie.control.exports import ExportRegistry
 from pie.control.page_pool import OwnerId, PagePool
 
@@ -111,9 +111,6 @@ class ContextManager:
         # forwards under its own lock, which may not wait for this manager's.
         self._flight = threading.Lock()
         self.swapped_pages = 0  # pages of all contexts now in host memory
-        # Called with the pages an allocation lacks before it fails (the prefix cache gives
-        # back pages only it holds); returns how many it freed.
-        self.reclaim: Callable[[int], int] | None = None
         sink.bind_contexts(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -338,7 +335,7 @@ class ContextManager:
         swapped = ctx.swapped
         if swapped is None:
             return
-        fresh = self._allocate(ctx.owner, len(swapped.indexes))
+        fresh = self._pool.allocate(ctx.owner, len(swapped.indexes))
         for i, page in zip(swapped.indexes, fresh, strict=True):
             ctx.pages[i] = page
         self._sink.queue_restore(fresh, swapped.data)
@@ -377,23 +374,13 @@ class ContextManager:
             end > ctx.length and partial is not None and self._pool.refcount(ctx.pages[partial]) > 1
         )
         missing = max(0, self._pages_for(end) - len(ctx.pages))
-        fresh = self._allocate(ctx.owner, missing + int(cow))  # raises with nothing taken
+        fresh = self._pool.allocate(ctx.owner, missing + int(cow))  # raises with nothing taken
         if cow and partial is not None:
             old, new = ctx.pages[partial], fresh.pop(0)
             self._sink.queue_copies([(old, new, ctx.length % ps)])
             ctx.pages[partial] = new
             self._pool.release(ctx.owner, [old])  # still held by the other sharers
         ctx.pages.extend(fresh)
-
-    def _allocate(self, owner: OwnerId, n: int) -> list[int]:
-        """`n` fresh pages for `owner`; short of them, first `reclaim` what the pool lacks."""
-        try:
-            return self._pool.allocate(owner, n)
-        except PoolExhaustedError:
-            lacking = n - self._pool.available(owner)
-            if self.reclaim is None or self.reclaim(lacking) < lacking:
-                raise
-            return self._pool.allocate(owner, n)
 
     def _pages_for(self, slots: int) -> int:
         return -(-slots // self.page_size)

@@ -44,6 +44,10 @@ class PagePool:
         self._quota: dict[OwnerId, int] = {}
         self._aside: dict[OwnerId, int] = {}  # pages set aside per owner (its claimed budget)
         self._free_listeners: list[Callable[[], None]] = []
+        # Asked for the pages an allocation or a set-aside lacks before it fails (the prefix
+        # cache gives back pages only it holds); returns how many it freed. Called without the
+        # pool's lock: it frees through `release`.
+        self.reclaim: Callable[[int], int] | None = None
 
     # ---- queries ------------------------------------------------------------------------------
     @property
@@ -100,6 +104,14 @@ class PagePool:
         set aside, if the free pages not set aside for others cannot cover it."""
         if pages < 0:
             raise InvalidRequestError(f"cannot set aside {pages} pages; ask for zero or more")
+        try:
+            self._set_aside(owner, pages)
+        except PoolExhaustedError:
+            if not self._reclaimed(pages - len(self.owned(owner)) - self.available(owner)):
+                raise
+            self._set_aside(owner, pages)
+
+    def _set_aside(self, owner: OwnerId, pages: int) -> None:
         with self._lock:
             lacking = max(0, pages - len(self._held.get(owner, ())))
             free = len(self._free) - self._owed(but=owner)
@@ -120,6 +132,18 @@ class PagePool:
         """
         if n < 0:
             raise InvalidRequestError(f"cannot allocate {n} pages; ask for zero or more")
+        try:
+            return self._allocate(owner, n)
+        except PoolExhaustedError:
+            if not self._reclaimed(n - self.available(owner)):
+                raise
+            return self._allocate(owner, n)
+
+    def _reclaimed(self, lacking: int) -> bool:
+        """Whether `reclaim` freed the `lacking` pages."""
+        return self.reclaim is not None and lacking > 0 and self.reclaim(lacking) >= lacking
+
+    def _allocate(self, owner: OwnerId, n: int) -> list[int]:
         with self._lock:
             self._check_quota(owner, n)
             free = len(self._free) - self._owed(but=owner)

@@ -125,15 +125,18 @@ class PageWaiting:
     _unsettled: dict[KvContext, int]
     _stopping: bool
 
+    # Declared here for the type checker; `BatchScheduler` defines them.
     def _admit(self, request: ForwardRequest, future: Future[list[SampleResult]]) -> PendingForward:
-        raise NotImplementedError
+        raise NotImplementedError("BatchScheduler._admit")
 
     def _enqueue(self, admitted: list[PendingForward], counted: bool = False) -> None:
-        raise NotImplementedError
+        raise NotImplementedError("BatchScheduler._enqueue")
 
     def _behind_page_waiters(self, request: ForwardRequest) -> bool:
         """Whether `request` must queue behind forwards waiting for pages: its context has one
         waiting (forwards of a context run in order), or it needs pages and others wait."""
+        if not self._page_waits:  # the usual case, read without the lock: no waiter to respect
+            return False
         with self._cond:
             if not self._page_waits:
                 return False

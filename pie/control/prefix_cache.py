@@ -10,7 +10,7 @@ default positions and no masks are offered or served: their tokens are the host'
 (`KvContext.tokens`), never what a program claims, so one program cannot poison another's KV.
 
 When the pool runs short, pages only the cache still holds are given back, least recently used
-first and a chain's later pages before its earlier ones (`evict`, the contexts' reclaim hook).
+first and a chain's later pages before its earlier ones (`evict`, the pool's reclaim hook).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class Runtime:
         self.prefix_cache = PrefixCache(self.pool, engine.page_size) if prefix_cache else None
         if self.prefix_cache is not None:
             self.scheduler.prefix_cache = self.prefix_cache
-            self.contexts.reclaim = self.prefix_cache.evict
+            self.pool.reclaim = self.prefix_cache.evict
         self.scheduler.start()
         self.bus = MessageBus()
         self.plane = ControlPlane(

@@ -19,7 +19,7 @@ def cached(make_stack: Callable[..., Stack], num_pages: int = 16) -> tuple[Stack
     stack = make_stack(num_pages=num_pages, page_size=PS)
     cache = PrefixCache(stack.pool, PS)
     stack.scheduler.prefix_cache = cache
-    stack.contexts.reclaim = cache.evict
+    stack.pool.reclaim = cache.evict
     stack.scheduler.start()
     return stack, cache
 

@@ -20,7 +20,6 @@ from functools import partial
 from typing import Any, Protocol
 
 from pie.control.context import ContextManager, KvContext
-from pie.control.errors import PoolExhaustedError
 from pie.control.exports import ExportRegistry
 from pie.control.forward import ForwardRequest
 from pie.control.page_pool import PagePool
@@ -94,13 +93,7 @@ class ControlPlane:
                 f"kv_reserve of {limits.kv_reserve} pages is more than the instance may hold "
                 f"({quota}); raise kv_pages too"
             )
-        try:
-            self.pool.set_aside(owner, limits.kv_reserve)
-        except PoolExhaustedError:  # pages only the prefix cache holds are there for the asking
-            reclaim = self.contexts.reclaim
-            if reclaim is None or not reclaim(limits.kv_reserve):
-                raise
-            self.pool.set_aside(owner, limits.kv_reserve)
+        self.pool.set_aside(owner, limits.kv_reserve)
         self.pool.set_quota(owner, quota)
         self.scheduler.set_priority(owner, limits.priority)
         with self._lock:
