@@ -13,7 +13,6 @@ import asyncio
 import json
 
 from pie.sdk import Context, Model
-from pie.sdk import _wit as wit
 
 SYSTEM = "You are a writer. Follow every instruction in the request."
 LEVELS = [
@@ -44,7 +43,7 @@ async def main(args: list[str]) -> str:
     for node, _ in nodes:
         node.fill(tail)
     answers = await asyncio.gather(*(node.generate(max_tokens=32) for node, _ in nodes))
-    leaf_pages = sum(wit.call(wit.kv.page_count, node.handle) for node, _ in nodes)
+    leaf_pages = sum(node.page_count for node, _ in nodes)
     return json.dumps(
         {
             "leaves": [

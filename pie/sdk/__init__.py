@@ -4,7 +4,8 @@ An inferlet is a module with `def main(args) -> str` (or `async def`). The same 
 the WebAssembly sandbox (componentize-py bindings) and natively (`pie run --native`).
 """
 
-from pie.sdk import http  # outgoing HTTP: `await http.fetch(url)` (bundled into every build)
+# Submodules a program imports by name: imported here so every build bundles them.
+from pie.sdk import http, window
 from pie.sdk._wit import PieError
 from pie.sdk.chat import Chat
 from pie.sdk.context import Context
@@ -80,4 +81,5 @@ __all__ = [
     "send_blob",
     "subscribe",
     "version",
+    "window",
 ]

@@ -45,6 +45,11 @@ class Context:
         """Slots in the KV (including those of forwards still running)."""
         return int(call(kv.length, self.handle))
 
+    @property
+    def page_count(self) -> int:
+        """KV pages the context holds now (shared ones included)."""
+        return int(call(kv.page_count, self.handle))
+
     def __len__(self) -> int:
         return self.kv_length + len(self.pending)
 
