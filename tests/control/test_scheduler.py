@@ -437,13 +437,19 @@ def test_a_cancelled_owner_is_not_waited_for(make_stack: Callable[..., Stack]) -
 
 
 # ---- waiting for pages ------------------------------------------------------------------------
+def filled(stack: Stack, owner: int, n: int) -> KvContext:
+    """A context of `owner` whose `n` tokens have run (n / page_size pages)."""
+    ctx = stack.contexts.create(owner)
+    assert seen(submit(stack, ctx, list(range(n)))) == list(range(n))
+    return ctx
+
+
 def test_a_forward_short_of_pages_waits_and_runs_when_pages_free(
     make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack(num_pages=4, page_size=4)
     stack.scheduler.start()
-    hog = stack.contexts.create(1)
-    seen(submit(stack, hog, list(range(16))))  # all four pages
+    hog = filled(stack, 1, 16)  # all four pages
     waiter = stack.contexts.create(2)
     future = submit(stack, waiter, [7, 8])
     time.sleep(0.05)
@@ -456,20 +462,20 @@ def test_a_forward_short_of_pages_waits_and_runs_when_pages_free(
 def test_page_waiters_go_by_priority_then_arrival(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(num_pages=4, page_size=4, max_swapped_pages=0)  # no preemption
     stack.scheduler.start()
-    hog = stack.contexts.create(1)
-    seen(submit(stack, hog, list(range(16))))
+    hog = filled(stack, 1, 16)
     stack.scheduler.set_priority(4, 5)
     finished: list[int] = []
-    futures = []
+    waits = {}
     for owner in (2, 3, 4):  # each needs three of the four pages: one at a time
         ctx = stack.contexts.create(owner)
         future = submit(stack, ctx, list(range(10)))
         future.add_done_callback(lambda _, o=owner: finished.append(o))
-        futures.append((future, ctx))
+        waits[owner] = future, ctx
     time.sleep(0.05)
     assert stack.scheduler.stats.page_waits == 3
     stack.contexts.close(hog)
-    for future, ctx in sorted(futures, key=lambda fc: -fc[1].owner if fc[1].owner == 4 else 0):
+    for owner in (4, 2, 3):  # each frees its pages for the next (a wrong order times out)
+        future, ctx = waits[owner]
         future.result(timeout=10)
         stack.contexts.close(ctx)
     assert finished == [4, 2, 3]  # the high-priority one first, then first come first served
@@ -480,8 +486,7 @@ def test_a_newcomer_needing_pages_queues_behind_the_waiters(
 ) -> None:
     stack = make_stack(num_pages=4, page_size=4)
     stack.scheduler.start()
-    hog = stack.contexts.create(1)
-    seen(submit(stack, hog, list(range(12))))  # three pages, one left
+    hog = filled(stack, 1, 12)  # three pages, one left
     big = submit(stack, stack.contexts.create(2), list(range(8)))  # two pages: waits
     small = submit(stack, stack.contexts.create(3), [1])  # one page would fit, but queues
     time.sleep(0.05)
@@ -493,7 +498,7 @@ def test_a_newcomer_needing_pages_queues_behind_the_waiters(
 def test_a_page_wait_ends_in_a_clear_error_at_its_bound(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(num_pages=2, page_size=4, page_wait_s=0.2)
     stack.scheduler.start()
-    seen(submit(stack, stack.contexts.create(1), list(range(8))))
+    filled(stack, 1, 8)
     began = time.monotonic()
     future = submit(stack, stack.contexts.create(2), [1])
     with pytest.raises(ControlError, match=r"KV pool exhausted: waited 0\.2 s"):
@@ -505,7 +510,7 @@ def test_a_page_wait_ends_in_a_clear_error_at_its_bound(make_stack: Callable[...
 def test_cancelling_an_owner_fails_its_page_waits(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(num_pages=2, page_size=4)
     stack.scheduler.start()
-    seen(submit(stack, stack.contexts.create(1), list(range(8))))
+    filled(stack, 1, 8)
     ctx = stack.contexts.create(2)
     future = submit(stack, ctx, [1])
     later = submit(stack, ctx, [2])  # same context: queues behind, in order
@@ -587,8 +592,7 @@ def test_a_higher_priority_forward_swaps_lower_ones_out_and_they_come_back_whole
 ) -> None:
     stack = make_stack(num_pages=4, page_size=4)
     stack.scheduler.start()
-    low = stack.contexts.create(1)
-    assert seen(submit(stack, low, list(range(12)))) == list(range(12))  # three pages
+    low = filled(stack, 1, 12)  # three pages
     stack.scheduler.set_priority(2, 1)
     high = stack.contexts.create(2)
     prompt = list(range(50, 58))  # two pages, one free: the low one's pages go to host memory
@@ -604,10 +608,9 @@ def test_a_higher_priority_forward_swaps_lower_ones_out_and_they_come_back_whole
 def test_equal_priorities_wait_and_shared_pages_stay(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(num_pages=4, page_size=4, page_wait_s=0.3)
     stack.scheduler.start()
-    low = stack.contexts.create(1)
-    seen(submit(stack, low, list(range(8))))
+    low = filled(stack, 1, 8)
     stack.contexts.fork(low)  # both pages now shared: never swapped
-    seen(submit(stack, stack.contexts.create(3), list(range(8))))  # the other two pages
+    filled(stack, 3, 8)  # the other two pages
     with pytest.raises(ControlError, match="KV pool exhausted"):  # same priority: no preemption
         submit(stack, stack.contexts.create(4), [1]).result(timeout=10)
     stack.scheduler.set_priority(2, 5)
@@ -619,8 +622,7 @@ def test_equal_priorities_wait_and_shared_pages_stay(make_stack: Callable[..., S
 def test_a_program_short_of_its_own_pages_fails_at_once(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack(num_pages=4, page_size=4)
     stack.scheduler.start()
-    ctx = stack.contexts.create(1)
-    seen(submit(stack, ctx, list(range(12))))
+    ctx = filled(stack, 1, 12)
     began = time.monotonic()
     with pytest.raises(ControlError, match="KV pool exhausted"):  # nobody else could free any
         submit(stack, ctx, list(range(8))).result(timeout=10)

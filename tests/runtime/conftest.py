@@ -7,6 +7,8 @@ into a temporary cache directory and every runtime shares it.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +90,16 @@ def assert_pool_whole(rt: Runtime) -> None:
         rt.exports.unexport(None, name)
     rt.pool.check_integrity()
     assert rt.pool.free_count == rt.pool.num_pages
+
+
+def pie_run_chat_on_stdin(*extra: str) -> subprocess.CompletedProcess[str]:
+    """`printf 'q1\\nq2\\n' | pie run inferlets/chat.py [extra]`, in this session's cache."""
+    return subprocess.run(
+        [sys.executable, "-m", "pie.cli", "run", str(ROOT / "inferlets" / "chat.py"), *extra],
+        cwd=ROOT,
+        env=dict(os.environ),  # the session's PIE_CACHE_DIR: one build
+        input="q1\nq2\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -7,10 +7,7 @@ sandboxed path is covered by the probe and text-completion tests), so no extra b
 from __future__ import annotations
 
 import logging
-import os
 import runpy
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 from pie.runtime.runtime import Runtime
 from pie.runtime.session import InputClosed, QueueSession
-from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime
+from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime, pie_run_chat_on_stdin
 from tests.runtime.fakes import OFFSET, FakeEngine, reference_generation
 
 
@@ -153,14 +150,6 @@ def test_receive_raises_end_of_input_after_the_queued_messages(
 @pytest.mark.slow
 def test_chat_ends_by_itself_at_the_end_of_stdin(pie_cache: Path) -> None:
     """`printf 'q1\\nq2\\n' | pie run inferlets/chat.py` (sandboxed, default workers) exits 0."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pie.cli", "run", str(CHAT)],
-        cwd=ROOT,
-        env=dict(os.environ),  # the session's PIE_CACHE_DIR
-        input="q1\nq2\n",
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = pie_run_chat_on_stdin()
     assert done.returncode == 0, done.stderr
     assert "[the client closed its input; turns: 2]" in done.stdout

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import subprocess
-import sys
 
 import msgspec
 import pytest
@@ -15,7 +12,8 @@ from websockets.asyncio.client import connect
 
 from pie.client import InstanceError, PieClient, PieClientSync, ServerError
 from pie.server import frames as f
-from tests.server.conftest import ROOT, ServerProcess, run, wait_pool_whole
+from tests.runtime.conftest import pie_run_chat_on_stdin
+from tests.server.conftest import ServerProcess, run, wait_pool_whole
 
 pytestmark = pytest.mark.slow
 
@@ -307,15 +305,6 @@ def test_close_input_ends_the_programs_receives(server: ServerProcess, chatty: s
 
 def test_pie_run_server_ends_the_chat_at_the_end_of_stdin(server: ServerProcess) -> None:
     """`printf 'q1\\nq2\\n' | pie run --server URL inferlets/chat.py` ends by itself, exit 0."""
-    chat = str(ROOT / "inferlets" / "chat.py")
-    done = subprocess.run(
-        [sys.executable, "-m", "pie.cli", "run", chat, "--server", server.http],
-        cwd=ROOT,
-        env=dict(os.environ),  # the session's PIE_CACHE_DIR: one build
-        input="q1\nq2\n",
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = pie_run_chat_on_stdin("--server", server.http)
     assert done.returncode == 0, done.stderr
     assert "[the client closed its input; turns: 2]" in done.stdout
