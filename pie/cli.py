@@ -43,14 +43,12 @@ def _generate(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     device = checked_device(args.device)
-    import torch
-
-    from pie.engine.engine import Engine
+    from pie.engine.engine import Engine, dtype_named
     from pie.engine.generate import generate
     from pie.engine.request import Greedy, Sample
     from pie.engine.tokenizer import StreamDecoder
 
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = dtype_named(args.dtype)
     started = time.perf_counter()
     with step(f"loading {args.model or 'the embedded SmolLM2'} on {device}"):
         engine = Engine.load(args.model, device=device, dtype=dtype, num_pages=args.kv_pages)

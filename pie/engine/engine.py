@@ -37,6 +37,14 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what --dtype may name
+
+
+def dtype_named(name: str) -> torch.dtype | None:
+    """The dtype a `--dtype` choice names; None for "auto" (`default_dtype` decides)."""
+    return None if name == "auto" else DTYPES[name]
+
+
 def default_dtype(
     device: torch.device, blocks: Mapping[str, BlockWeight] | None = None
 ) -> torch.dtype:

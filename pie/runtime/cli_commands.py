@@ -163,9 +163,7 @@ def _drop_failure_note(record: logging.LogRecord) -> bool:
 
 
 def _run_program(args: argparse.Namespace, program: Path) -> int:
-    import torch
-
-    from pie.engine.engine import Engine
+    from pie.engine.engine import Engine, dtype_named
     from pie.runtime.errors import InstanceFailed
     from pie.runtime.runtime import Runtime
     from pie.runtime.session import QueueSession
@@ -179,7 +177,7 @@ def _run_program(args: argparse.Namespace, program: Path) -> int:
 
         with step(f"building {program} (cached once built)"):
             build_inferlet(program)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = dtype_named(args.dtype)
     started = time.perf_counter()
     with step(f"loading {args.model or 'the embedded SmolLM2'} on {args.device}"):
         engine = Engine.load(args.model, device=args.device, dtype=dtype, num_pages=args.kv_pages)

@@ -143,11 +143,9 @@ def _start(config: ServerConfig) -> tuple[Any, Any]:
 
 
 def _load_engine(config: ServerConfig) -> Any:
-    import torch
+    from pie.engine.engine import Engine, dtype_named
 
-    from pie.engine.engine import Engine
-
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    dtype = dtype_named(config.dtype)
     return Engine.load(config.model, device=config.device, dtype=dtype, num_pages=config.kv_pages)
 
 
