@@ -32,52 +32,62 @@ class InputClosed(Exception):
         super().__init__(f"{END_OF_INPUT}: the client closed its input; no more messages will come")
 
 
-class _Inbox(Generic[T]):
-    """Values from the client, handed to receivers in order; a receiver cancelled by its
-    instance leaves at once (a loop of receive and discard must not grow the session).
-    Once closed, the values already in it are still handed out; then every receive, pending
-    or later, fails with `InputClosed`."""
+class Inbox(Generic[T]):
+    """Values from the client, handed to receivers in order (thread-safe; this session's and
+    the server's `InstanceChannel`'s). A receiver cancelled by its instance leaves at once (a
+    loop of receive and discard must not grow the session). Once closed (the client's end of
+    input), the values in it are still handed out, then receives fail with `InputClosed` (the
+    SDK's `EndOfInput`)."""
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self.lock = lock  # the session's, held by the callers of put, get and close
-        self.values: deque[T] = deque()
-        self.waiters: deque[cf.Future[T]] = deque()
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: deque[T] = deque()
+        self._waiters: deque[cf.Future[T]] = deque()
         self.closed = False
 
     def put(self, value: T) -> None:
-        if self.closed:
-            raise InputClosed()
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if waiter.set_running_or_notify_cancel():
-                waiter.set_result(value)
-                return
-        self.values.append(value)
+        with self._lock:
+            if self.closed:
+                raise InputClosed()
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if waiter.set_running_or_notify_cancel():
+                    waiter.set_result(value)
+                    return
+            self._values.append(value)
 
     def get(self) -> cf.Future[T]:
         future: cf.Future[T] = cf.Future()
-        if self.values:
-            future.set_result(self.values.popleft())
-        elif self.closed:
-            future.set_exception(InputClosed())
-        else:
-            self.waiters.append(future)
-            future.add_done_callback(self._withdraw)
+        with self._lock:
+            if self._values:
+                future.set_result(self._values.popleft())
+                return future
+            if self.closed:
+                future.set_exception(InputClosed())
+                return future
+            self._waiters.append(future)
+        future.add_done_callback(self._withdraw)
         return future
 
+    @property
+    def waiting(self) -> int:
+        """Receivers waiting for a value now."""
+        with self._lock:
+            return len(self._waiters)
+
     def close(self) -> None:
-        """No more values: pending receivers fail now (waiters hold no values, so none is lost)."""
-        self.closed = True
-        while self.waiters:
-            waiter = self.waiters.popleft()
+        with self._lock:
+            self.closed = True
+            waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:  # outside the lock: their callbacks may withdraw others
             if waiter.set_running_or_notify_cancel():
                 waiter.set_exception(InputClosed())
 
     def _withdraw(self, future: cf.Future[T]) -> None:
-        if future.cancelled():  # never under `lock`: put skips cancelled waiters unwoken
-            with self.lock:
-                if future in self.waiters:
-                    self.waiters.remove(future)
+        if future.cancelled():  # the instance stopped waiting: forget the waiter
+            with self._lock:
+                if future in self._waiters:
+                    self._waiters.remove(future)
 
 
 KEEP_BYTES = 16 * 2**20  # unread sends a session without callbacks keeps, newest first
@@ -109,8 +119,8 @@ class QueueSession:
         self.blobs: deque[tuple[int, bytes]] = deque()
         self.kept_bytes = 0
         self.dropped = 0
-        self._texts: _Inbox[str] = _Inbox(self._lock)
-        self._blob_inbox: _Inbox[bytes] = _Inbox(self._lock)
+        self._texts: Inbox[str] = Inbox()
+        self._blob_inbox: Inbox[bytes] = Inbox()
 
     # ---- the instance's side ------------------------------------------------------------------
     def send_text(self, instance_id: int, text: str) -> None:
@@ -153,13 +163,11 @@ class QueueSession:
 
     def receive_text(self, instance_id: int) -> cf.Future[str]:
         self._first_receive()
-        with self._lock:
-            return self._texts.get()
+        return self._texts.get()
 
     def receive_blob(self, instance_id: int) -> cf.Future[bytes]:
         self._first_receive()
-        with self._lock:
-            return self._blob_inbox.get()
+        return self._blob_inbox.get()
 
     def _first_receive(self) -> None:
         hook, self._on_first_receive = self._on_first_receive, None
@@ -168,20 +176,17 @@ class QueueSession:
 
     # ---- the client's side --------------------------------------------------------------------
     def put_text(self, text: str) -> None:
-        with self._lock:
-            self._texts.put(text)
+        self._texts.put(text)
 
     def put_blob(self, data: bytes) -> None:
-        with self._lock:
-            self._blob_inbox.put(data)
+        self._blob_inbox.put(data)
 
     def close_input(self) -> None:
         """End of input (stdin reached its end): once the texts and blobs already put are
         taken, the instance's receives fail with `InputClosed` (the SDK's `EndOfInput`).
         Putting more afterwards raises `InputClosed`; closing twice is harmless."""
-        with self._lock:
-            self._texts.close()
-            self._blob_inbox.close()
+        self._texts.close()
+        self._blob_inbox.close()
 
     def text_of(self, instance_id: int) -> str:
         """What instance `instance_id` sent and the session kept, concatenated."""

@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from pie.runtime.session import InputClosed
-
-T = TypeVar("T")
+from pie.runtime.session import Inbox
 
 # What an instance may emit, in the order a client sees it; `return` or `error` comes last.
 EVENT_KINDS = ("stdout", "stderr", "message", "blob", "return", "error")
@@ -42,56 +39,6 @@ class Event:
 
 
 Sink = Callable[["InstanceChannel", Event], None]
-
-
-class _Inbox(Generic[T]):
-    """Values from the client, handed to receivers in order (thread-safe). Once closed (the
-    client's `close_input`), the values in it are still handed out, then receives fail with
-    `InputClosed` (the SDK's `EndOfInput`)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._values: deque[T] = deque()
-        self._waiters: deque[cf.Future[T]] = deque()
-        self.closed = False
-
-    def put(self, value: T) -> None:
-        with self._lock:
-            if self.closed:
-                raise InputClosed()
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if waiter.set_running_or_notify_cancel():
-                    waiter.set_result(value)
-                    return
-            self._values.append(value)
-
-    def get(self) -> cf.Future[T]:
-        future: cf.Future[T] = cf.Future()
-        with self._lock:
-            if self._values:
-                future.set_result(self._values.popleft())
-                return future
-            if self.closed:
-                future.set_exception(InputClosed())
-                return future
-            self._waiters.append(future)
-        future.add_done_callback(self._withdraw)
-        return future
-
-    def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:  # outside the lock: their callbacks may withdraw others
-            if waiter.set_running_or_notify_cancel():
-                waiter.set_exception(InputClosed())
-
-    def _withdraw(self, future: cf.Future[T]) -> None:
-        if future.cancelled():  # the instance stopped waiting: forget the waiter
-            with self._lock:
-                if future in self._waiters:
-                    self._waiters.remove(future)
 
 
 class InstanceChannel:
@@ -119,8 +66,8 @@ class InstanceChannel:
         self.dropped = 0  # events dropped from a full backlog
         self.finished_at: float | None = None
         self.cancel_reason: str | None = None  # why the server or client ended it
-        self._texts: _Inbox[str] = _Inbox()
-        self._blobs: _Inbox[bytes] = _Inbox()
+        self._texts: Inbox[str] = Inbox()
+        self._blobs: Inbox[bytes] = Inbox()
 
     # ---- the runtime's side (any thread, never blocks) ------------------------------------------
     def send_text(self, instance_id: int, text: str) -> None:

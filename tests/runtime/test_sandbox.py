@@ -126,14 +126,14 @@ def test_waits_withdrawn_on_ever_new_topics_leave_nothing_behind(runtime: Runtim
     session = QueueSession()
     assert runtime.run("probe", ["churn", "2000"], session=session) == "churned"
     assert (runtime.bus.queues, runtime.bus.pullers, runtime.bus.subscribers) == ({}, {}, {})
-    assert not session._texts.waiters
+    assert not session._texts.waiting
 
 
 def test_handles_never_dropped_are_released_when_it_ends(runtime: Runtime) -> None:
     session = QueueSession()
     assert runtime.run("probe", ["leak"], session=session) == "left everything open"
     assert runtime.bus.subscribers == {} and runtime.bus.pullers == {}
-    assert not session._texts.waiters
+    assert not session._texts.waiting
     assert runtime.scheduler.stats.queue_depth == 0
     assert runtime.pool.free_count == runtime.pool.num_pages
 
