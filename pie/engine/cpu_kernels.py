@@ -1,4 +1,4 @@
-"""bf16 CPU kernels for decode: C (pie.engine.cpu_kernels_c) built on first use and cached.
+"""bf16 CPU kernels for decode: C (pie/engine/csrc/cpu_kernels.c) built on first use and cached.
 
 Decoding a few sequences reads every weight once per token, so its speed is the speed of
 streaming weights. oneDNN's bf16 inner product pays ~10 us a call and streams ~32 GB/s on this
@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from pie.engine.cpu_kernels_c import SOURCE
+CSRC = Path(__file__).with_name("csrc")  # C sources, shipped as package data
+SOURCE = (CSRC / "cpu_kernels.c").read_text()
 
 MAX_ROWS = 64  # rows (tokens) one PackedGemv call takes
 MODE_PLAIN, MODE_ADD, MODE_SWIGLU = 0, 1, 2

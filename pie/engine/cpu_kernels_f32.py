@@ -25,9 +25,9 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from pie.engine import cpu_kernels
-from pie.engine.cpu_kernels_f32_c import SOURCE
 from pie.engine.gguf_tensors import BlockWeight
 
+SOURCE = (cpu_kernels.CSRC / "cpu_kernels_f32.c").read_text()
 PANEL = 16  # outputs per packed weight panel (fixed by the C kernel)
 MODE_PLAIN, MODE_ADD, MODE_SWIGLU = 0, 1, 2  # as in pie.engine.cpu_kernels
 _MODE_GATED_PLAIN = 3  # what MODE_PLAIN runs on a gated matrix: [x @ gate.T | x @ up.T]

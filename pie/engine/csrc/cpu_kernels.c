@@ -1,13 +1,11 @@
-"""The C source of pie.engine.cpu_kernels (AVX512-BF16), kept in a string so it ships as code.
-
-Four entry points, each one call where torch needs several ops: `pie_gemv` (weight matmul for
-up to PIE_MAX_ROWS rows with the RMSNorm before and the bias, residual add or SwiGLU after),
-`pie_decode_attention` (one new token per sequence, straight from the paged KV cache),
-`pie_rms_norm`, `pie_swiglu` and `pie_rope`. Every step rounds to bf16 where the torch ops of
-HF's Llama round, so outputs match torch's to the last bit but for summation order.
-"""
-
-SOURCE = r"""
+/* The kernels of pie.engine.cpu_kernels (AVX512-BF16).
+ *
+ * Four entry points, each one call where torch needs several ops: `pie_gemv` (weight matmul for
+ * up to PIE_MAX_ROWS rows with the RMSNorm before and the bias, residual add or SwiGLU after),
+ * `pie_decode_attention` (one new token per sequence, straight from the paged KV cache),
+ * `pie_rms_norm`, `pie_swiglu` and `pie_rope`. Every step rounds to bf16 where the torch ops of
+ * HF's Llama round, so outputs match torch's to the last bit but for summation order.
+ */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -392,4 +390,3 @@ int pie_rope(const bf16 *x, int64_t x_stride, int64_t tokens, int64_t heads, int
     }
     return 0;
 }
-"""

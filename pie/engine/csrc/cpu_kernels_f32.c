@@ -1,15 +1,13 @@
-"""The C source of pie.engine.cpu_kernels_f32 (x86-64 AVX2 + FMA, float32), kept as code.
-
-Entry points, each one call where torch needs several ops:
-`pie_f32_gemm` (weight matmul for any number of rows, with the RMSNorm before and the bias,
-residual add or SwiGLU after, from float32 or GGUF Q4_1/Q8_0 weights; `pie_f32_gemm_rope` also
-rotates q and k), `pie_f32_decode_attention` (one new token per sequence, straight from the
-paged KV cache), `pie_f32_rope`, and `pie_f32_decode_layers` (a decode step's layers in one
-call). Everything is float32 with the operations of HF's Llama in float32, so results match
-torch's but for summation order.
-"""
-
-SOURCE = r"""
+/* The kernels of pie.engine.cpu_kernels_f32 (x86-64 AVX2 + FMA, float32).
+ *
+ * Entry points, each one call where torch needs several ops:
+ * `pie_f32_gemm` (weight matmul for any number of rows, with the RMSNorm before and the bias,
+ * residual add or SwiGLU after, from float32 or GGUF Q4_1/Q8_0 weights; `pie_f32_gemm_rope` also
+ * rotates q and k), `pie_f32_decode_attention` (one new token per sequence, straight from the
+ * paged KV cache), `pie_f32_rope`, and `pie_f32_decode_layers` (a decode step's layers in one
+ * call). Everything is float32 with the operations of HF's Llama in float32, so results match
+ * torch's but for summation order.
+ */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -1044,4 +1042,3 @@ int pie_f32_decode_layers(const DecodeLayerF32 *layers, int64_t n_layers, float 
     free(scratch);
     return 0;
 }
-"""
