@@ -204,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words = [w for w in argv if not w.startswith("-")]
+    if words[:1] == ["run"] and "--" in argv:
+        # What follows `--` is the inferlet's, cut here: argparse drops a `--` right after
+        # `pie run PROGRAM` and would then read the inferlet's `--flags` as pie's.
+        cut = argv.index("--")
+        args = build_parser().parse_args(argv[:cut])
+        args.inferlet_args = argv[cut + 1 :]
+        return run_handler(args)
     return run_handler(build_parser().parse_args(argv))
 
 

@@ -130,6 +130,26 @@ def test_a_bad_flag_is_a_usage_error() -> None:
     assert done.returncode == EXIT_USAGE and "unrecognized arguments: --bogus" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["x.py", "--", "--ttl", "5"], ["--ttl", "5"]),  # argparse alone dropped this `--`
+        (["x.py", "--native", "--", "--ttl", "5"], ["--ttl", "5"]),
+        (["x.py", "a", "b"], ["a", "b"]),
+        (["x.py", "a", "--native", "--", "--", "b"], ["a", "--", "b"]),
+    ],
+)
+def test_run_passes_what_follows_dashes_to_the_inferlet(
+    argv: list[str], expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pie.runtime import cli_commands
+
+    seen: list[Any] = []
+    monkeypatch.setattr(cli_commands, "_run", lambda args: seen.append(args) or 0)
+    assert cli.main(["run", *argv]) == 0
+    assert seen[0].args == expected and seen[0].program == "x.py"
+
+
 def test_syntax_error_found_before_the_model_loads(bad_inputs: dict[str, str]) -> None:
     done = pie("run", "--model", bad_inputs["missing"], bad_inputs["broken"])
     assert_one_report(done, "run", EXIT_FAILED)  # the source is checked before the model

@@ -206,11 +206,12 @@ class PieClient:
         kv_reserve: int = 0,
         priority: int = 0,
         http_hosts: list[str] | None = None,
+        mcp_servers: list[str] | None = None,
     ) -> RemoteInstance:
         """Starts `program` (hash or name); its events stream unless `detached`. `kv_pages`
         caps its KV pages, `kv_reserve` claims that many up front, `priority` ranks it when
         the pool is short (docs/api.md, "Sharing the KV pool"); `http_hosts` narrows the hosts
-        it may reach over HTTP."""
+        it may reach over HTTP, `mcp_servers` the MCP servers (by config name) it may use."""
         frame = f.Launch(
             program=program,
             args=list(args or []),
@@ -219,6 +220,7 @@ class PieClient:
             kv_reserve=kv_reserve,
             priority=priority,
             http_hosts=http_hosts,
+            mcp_servers=mcp_servers,
         )
         # Registered before the reply comes: the instance's events follow it at once.
         frame.id = next(self._ids)

@@ -79,7 +79,7 @@ class PieClientSync:
     def launch(
         self, program: str, args: list[str] | None = None, *, detached: bool = False, **kw: Any
     ) -> SyncInstance:
-        """`PieClient.launch`; `kw`: its kv_pages, kv_reserve, priority and http_hosts."""
+        """`PieClient.launch`; `kw`: its kv_pages, kv_reserve, priority, http_hosts and mcp_servers."""
         launching = self.client.launch(program, args, detached=detached, **kw)
         return SyncInstance(self, self._call(launching))
 

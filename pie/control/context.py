@@ -167,6 +167,27 @@ class ContextManager:
             shared = ctx.pages[: self._pages_for(ctx.length)]
             self._exports.export(ctx.owner, name, shared, ctx.length)
 
+    def snapshot_of(self, ctx: KvContext) -> tuple[list[int], int, list[int] | None, np.ndarray]:
+        """What a snapshot of `ctx` keeps (queued tokens run first, pages resident): its filled
+        pages (shared, as a fork's), length, recorded tokens and hidden bitmap."""
+        self._idle(ctx)
+        with self._lock:
+            self._check_open(ctx)
+            self._resident(ctx)
+            tokens = None if ctx.tokens is None else ctx.tokens[: ctx.length]
+            pages = ctx.pages[: self._pages_for(ctx.length)]
+            return list(pages), ctx.length, tokens, ctx.hidden[: ctx.length].copy()
+
+    def open_pages(
+        self, owner: OwnerId, pages: list[int], length: int, tokens: list[int] | None,
+        hidden: np.ndarray,
+    ) -> KvContext:  # fmt: skip
+        """A new context on `pages` (references already held for `owner`: an opened snapshot's)."""
+        with self._lock:
+            ctx = self._new(owner, list(pages), length, hidden)
+            ctx.tokens = None if tokens is None else list(tokens)
+            return ctx
+
     def close(self, ctx: KvContext) -> None:
         """Release every page reference of `ctx`; the context can no longer be used."""
         self._idle(ctx)

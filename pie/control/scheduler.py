@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 from pie.control.batching import Chunk, PendingForward, plan_batch, resolve
 from pie.control.context import ContextManager, KvContext
@@ -39,23 +39,11 @@ from pie.control.errors import (
 )
 from pie.control.forward import ForwardRequest, build_sequence, check_request
 from pie.control.pacing import DECODE_LATENCY_FACTOR, LONG_PROMPT_STEPS, PrefillPacer
+from pie.control.page_ops import PageOp, PageOps, PageRead
 from pie.control.page_waits import PageWaiting, PageWaitQueue
 from pie.control.prefix_cache import PrefixCache, plain, served
 from pie.engine.errors import EngineError
 from pie.engine.request import ForwardBatch, SampleResult
-
-CopyOp = tuple[int, int, int]  # (src page, dst page, slots to copy)
-
-
-@dataclass(frozen=True, slots=True)
-class Restore:
-    """Swapped-out KV written back into new pages (queued with the copies, run in order)."""
-
-    pages: list[int]
-    data: Any
-
-
-PageOp = CopyOp | Restore
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +67,7 @@ class SchedulerStats:
     gather_seconds: float  # engine time spent waiting for answered contexts to come back
 
 
-class BatchScheduler(PageWaiting):
+class BatchScheduler(PageWaiting, PageOps):
     """Owns the engine thread. Submit from any thread; results arrive through futures."""
 
     def __init__(
@@ -170,8 +158,12 @@ class BatchScheduler(PageWaiting):
             self._stopping = True
             victims = self._retire(self._waiting)
             waits = self._drop_page_waits(None)
+            reads = [op for op in self._copies if isinstance(op, PageRead)]
             self._cond.notify_all()  # wake the engine thread even with nothing queued
         stopped = SchedulerStoppedError("the scheduler stopped before it ran")
+        for read in reads:
+            if read.future.set_running_or_notify_cancel():
+                read.future.set_exception(stopped)
         self._settle(victims, error=stopped)
         for wait in waits:
             resolve(wait.future, None, stopped)
@@ -291,22 +283,6 @@ class BatchScheduler(PageWaiting):
                 raise ControlError("forwards are queued but the scheduler is not running; start()")
             self._cond.wait_for(idle)
 
-    def queue_restore(self, pages: list[int], data: Any) -> None:
-        """Swapped-out KV back into `pages`, before the next batch (and any later copy)."""
-        with self._cond:
-            self._copies.append(Restore(list(pages), data))
-            self._cond.notify_all()
-
-    def copies_pending(self) -> bool:
-        with self._cond:
-            return bool(self._copies)
-
-    def queue_copies(self, pairs: list[CopyOp]) -> None:
-        """Copy-on-write page copies, run before the next batch (before any later forward)."""
-        with self._cond:
-            self._copies.extend(pairs)
-            self._cond.notify_all()
-
     @property
     def stats(self) -> SchedulerStats:
         with self._cond:
@@ -407,32 +383,6 @@ class BatchScheduler(PageWaiting):
         if queued >= self.max_batch_tokens:
             return True
         return len({f.context for f in self._waiting}) >= self.max_batch_sequences
-
-    def _copy_pages(self, ops: list[PageOp], chunks: list[Chunk]) -> list[Chunk]:
-        """Run the copies and restores in order; if they fail, fail the forwards reading the
-        pages they write."""
-        try:
-            run: list[CopyOp] = []
-            for op in ops:
-                if isinstance(op, Restore):
-                    if run:
-                        self.engine.copy_pages(run)
-                        run = []
-                    self.engine.load_pages(op.pages, op.data)  # type: ignore[attr-defined]
-                else:
-                    run.append(op)
-            if run:
-                self.engine.copy_pages(run)
-            return chunks
-        except Exception as exc:
-            broken = {p for op in ops for p in (op.pages if isinstance(op, Restore) else [op[1]])}
-            with self._cond:
-                readers = self._waiting + [c.forward for c in chunks]
-                victims = self._retire([f for f in readers if broken & set(f.seq.page_ids)])
-                self._running = [c for c in chunks if not c.forward.settled]
-                kept = self._running
-            self._settle(victims, error=exc)
-            return kept
 
     def _execute(self, chunks: list[Chunk]) -> Exception | None:
         """One engine step; stores each chunk's outputs, or returns the error that failed it."""

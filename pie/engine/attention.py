@@ -27,12 +27,18 @@ import torch
 import torch.nn.functional as F
 
 from pie.engine import cpu_kernels, cpu_kernels_f32
-from pie.engine.request import ForwardBatch
+from pie.engine.request import ForwardBatch, SequenceForward
 
 # Decode reads are padded (masked) to a multiple of this many slots: oneDNN builds a kernel for
 # every new matmul shape (~0.4 ms each, 25x the matmul itself), so a length that grows by one
 # every step must not be a new shape every step.
 DECODE_KV_BUCKET = 64
+# A step of at most this many new tokens runs as that many one-token rows (a sequence's token i
+# reading slots 0..context+i), on the decode path: its kernels write every row's K/V before any
+# row attends, so this is the multi-token attention exactly, and on CPU the step is one C call
+# for all layers instead of a dozen torch ops per layer (a 9-token draft check cost 3.8x a
+# one-token step that way; see bench/RESULTS.md). Long prefills keep the batched path.
+ROWS_MAX_TOKENS = 12
 # Below this many slots read per decode group, low-precision decode attention runs in float32:
 # oneDNN's bf16 batched matmul costs ~15 us a call however small, MKL's float32 one ~5 us, and
 # the casts are cheap while the gathered K/V are small. Above it bf16 matmuls win.
@@ -78,9 +84,10 @@ class TorchAttention:
         self, batch: ForwardBatch, page_size: int, device: torch.device
     ) -> AttentionMetadata:
         seqs = batch.sequences
-        if all(len(s.tokens) == 1 for s in seqs):
-            group, slot_rows = _decode_group(batch, page_size, device)
-            return AttentionMetadata(slot_rows=slot_rows, groups=[group], num_tokens=len(seqs))
+        tokens = sum(len(s.tokens) for s in seqs)
+        if tokens == len(seqs) or tokens <= ROWS_MAX_TOKENS:
+            group, slot_rows = _decode_group(seqs, page_size, device)
+            return AttentionMetadata(slot_rows=slot_rows, groups=[group], num_tokens=tokens)
         return self._prepare_groups(batch, page_size, device)
 
     def _prepare_groups(
@@ -209,27 +216,33 @@ class TorchAttention:
 
 
 def _decode_group(
-    batch: ForwardBatch, page_size: int, device: torch.device
+    seqs: list[SequenceForward], page_size: int, device: torch.device
 ) -> tuple[AttentionGroup, torch.Tensor]:
-    """The group of a batch of one-token decodes and its slot rows, as `_group` builds them but
-    vectorized over sequences (its per-sequence numpy calls cost 1.2 ms a step at batch 32)."""
-    seqs = batch.sequences
-    n = len(seqs)
-    kv_lens = np.fromiter((s.context_len + 1 for s in seqs), dtype=np.int64, count=n)
+    """The group of one-token rows, one row per new token, and the rows' slot rows: as `_group`
+    builds them but vectorized over rows (its per-sequence numpy calls cost 1.2 ms a step at
+    batch 32). Token i of a sequence with context c reads slots 0..c+i (causal) or, with an
+    attention mask, its mask row over slots 0..c+n-1."""
+    starts = np.cumsum([0] + [len(s.tokens) for s in seqs])
+    n = int(starts[-1])
+    owner = np.repeat(np.arange(len(seqs)), np.diff(starts))  # row -> its sequence
+    slot = np.arange(n) - starts[owner] + np.array([s.context_len for s in seqs])[owner]
+    custom_rows = np.array([s.attention_mask is not None for s in seqs])[owner]
+    ends = np.array([s.context_len + len(s.tokens) for s in seqs])[owner]
+    kv_lens = np.where(custom_rows, ends, slot + 1).astype(np.int64)  # a mask row may see ahead
     kv_max = -(-int(kv_lens.max()) // DECODE_KV_BUCKET) * DECODE_KV_BUCKET
     pages = np.zeros((n, -(-kv_max // page_size)), dtype=np.int64)
-    for b, s in enumerate(seqs):
-        used = -(-(s.context_len + 1) // page_size)
-        pages[b, :used] = s.page_ids[:used]
+    for b in range(n):
+        used = -(-int(kv_lens[b]) // page_size)
+        pages[b, :used] = seqs[owner[b]].page_ids[:used]
     slots = np.arange(kv_max)
     mask = slots[None, :] < kv_lens[:, None]  # [B, Lmax]: causal for one new token
     kv_rows = np.where(mask, pages[:, slots // page_size] * page_size + slots % page_size, 0)
     mask = mask[:, None, :]  # [B, Qmax = 1, Lmax]
-    custom = False
-    for b, s in enumerate(seqs):
-        if s.attention_mask is not None:
-            mask[b, :1, : kv_lens[b]] = s.attention_mask
-            custom = True
+    for row in np.flatnonzero(custom_rows):
+        s = seqs[owner[row]]
+        assert s.attention_mask is not None
+        mask[row, 0, : kv_lens[row]] = s.attention_mask[row - starts[owner[row]]]
+    custom = bool(custom_rows.any())
     mask[:, :, 0] |= ~mask.any(axis=2)  # a row masked whole attends slot 0, never NaN
     full = bool(mask.all())
     group = AttentionGroup(
@@ -243,7 +256,7 @@ def _decode_group(
         mask=None if full else torch.from_numpy(mask[:, None]).to(device),
         causal=not custom and bool((kv_lens == 1).all()) and not full,
     )
-    return group, torch.from_numpy(kv_rows[np.arange(n), kv_lens - 1]).to(device)
+    return group, torch.from_numpy(kv_rows[np.arange(n), slot]).to(device)
 
 
 def _use_decode_kernel(

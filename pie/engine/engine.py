@@ -6,6 +6,9 @@ pages each sequence reads and appends to. Every check runs before any state chan
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -275,6 +278,41 @@ class Engine:
             raise InvalidBatchError(f"{data.shape[2]} saved pages for {len(pages)} page ids")
         index = torch.tensor(pages, dtype=torch.long, device=self.kv_cache.device)
         self.kv_cache.index_copy_(2, index, data.to(self.kv_cache.device))
+
+    # ---- snapshot files (pie/control/snapshot_disk.py) -----------------------------------------
+    def kv_fingerprint(self) -> dict[str, object]:
+        """What saved KV is only valid for: the model (its config and a digest of its
+        embedding rows, so a fine-tune with the same shapes differs), dtype and page size."""
+        config = json.dumps(dataclasses.asdict(self.config), sort_keys=True, default=str)
+        rows = self.model.embed[:64].detach().to("cpu", torch.float32).contiguous()
+        digest = hashlib.sha256(config.encode() + rows.numpy().tobytes()).hexdigest()
+        cfg = self.config
+        return {
+            "model": str(self.model_name),
+            "config": digest,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "page_size": int(self.page_size),
+            "kv_shape": [cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim],
+        }
+
+    def write_saved_pages(self, data: torch.Tensor, path: Path) -> None:
+        """Writes a `save_pages` copy to `path` (flushed to the disk before it returns)."""
+        with path.open("wb") as f:
+            torch.save(data.contiguous(), f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_saved_pages(self, path: Path) -> torch.Tensor:
+        """A `write_saved_pages` file, checked against this engine's KV layout."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        expected = (*self.kv_cache.shape[:2], *self.kv_cache.shape[3:])
+        if (
+            not isinstance(data, torch.Tensor)
+            or data.dtype != self.kv_cache.dtype
+            or (*data.shape[:2], *data.shape[3:]) != expected
+        ):
+            raise InvalidBatchError(f"{path} does not hold KV pages of this model and dtype")
+        return data
 
     def _check_pages(self, pages: list[int]) -> None:
         bad = [p for p in pages if not 0 <= p < self.num_pages]

@@ -99,7 +99,8 @@ def build_inferlet(
     output: str | os.PathLike[str] | None = None,
     timeout_s: float | None = None,
 ) -> Path:
-    """Builds `source` (a .py inferlet) into a component; returns the path of the .wasm.
+    """Builds `source` (a .py inferlet, or a .js one: `build_js`) into a component; returns
+    the path of the .wasm.
 
     With `output`, the component is also copied there. Cached under `cache_dir()/components`.
     A build that runs past `timeout_s` (default `build_timeout()`) is stopped with a BuildError.
@@ -107,6 +108,10 @@ def build_inferlet(
     src = Path(source).resolve()
     if not src.is_file():
         raise BuildError(f"no such file: {source}")
+    if src.suffix == ".js":  # the same world, built by componentize-js
+        from pie.runtime.build_js import build_js_inferlet
+
+        return build_js_inferlet(src, None if output is None else Path(output), timeout_s)
     check_syntax(src)
     cached = cache_dir() / "components" / f"{source_hash(src)}.wasm"
     if not cached.exists():

@@ -53,13 +53,13 @@ def add_runtime_commands(subparsers: Any) -> None:
     """Adds `build` and `run` to the `pie` command's subparsers."""
     build = subparsers.add_parser(
         "build",
-        help="compile a Python inferlet to a WebAssembly component",
-        description="Build a Python inferlet into a wasm component (cached by content hash; "
+        help="compile an inferlet (.py or .js) to a WebAssembly component",
+        description="Build an inferlet into a wasm component (cached by content hash; "
         "`pie run` builds on its own, this writes the .wasm for `pie run X.wasm` or a server).",
         epilog="example:\n  pie build inferlets/text_completion.py -o text_completion.wasm",
         formatter_class=HelpFormatter,
     )
-    build.add_argument("source", help="the inferlet (.py)")
+    build.add_argument("source", help="the inferlet (.py; .js is built with componentize-js)")
     build.add_argument(
         "-o", "--output", default=None, help="where to write the .wasm (default: beside source)"
     )
@@ -83,18 +83,31 @@ def add_runtime_commands(subparsers: Any) -> None:
     options.add_argument(
         "--verbose", "-v", action="store_true", help="log the runtime's work; error tracebacks"
     )
+    options.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="keep named KV snapshots (Context.save) in this folder across runs",
+    )
+    options.add_argument(
+        "--mcp",
+        action="append",
+        default=[],
+        metavar="NAME=URL_OR_COMMAND",
+        help="an MCP server the inferlet may use (pie.sdk.mcp): a streamable-HTTP URL or a "
+        "stdio command line; repeatable",
+    )
     options.add_argument("--server", default=None, help="run on a `pie serve` at this URL")
     options.add_argument("--token", default=None, help="the server's token (or $PIE_TOKEN)")
     run = subparsers.add_parser(
         "run",
         parents=[options],
-        help="run an inferlet (.py or .wasm) on a local model, or on a server",
+        help="run an inferlet (.py, .js or .wasm) on a local model, or on a server",
         description="Run an inferlet: build it if needed, load the model, stream what the "
         "inferlet sends to stdout (stdin lines go to it), print its result.",
         epilog=RUN_EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    run.add_argument("program", help="the inferlet: a .py file (built if needed) or a .wasm")
+    run.add_argument("program", help="the inferlet: a .py or .js file (built if needed) or a .wasm")
     # Options may also follow the program; everything after `--` goes to the inferlet.
     run.add_argument("rest", nargs=argparse.REMAINDER, help="[options] [-- inferlet arguments]")
     run.set_defaults(handler=lambda args: _run(_split_rest(args, options, run)))
@@ -106,11 +119,25 @@ def _build(args: argparse.Namespace) -> int:
     source = Path(args.source)
     if not source.is_file():
         raise UsageError(f"no such file: {source}")
+    _check_js_tools(source)
     started = time.perf_counter()
     with step(f"building {source}"):
         out = build_inferlet(source, args.output or source.with_suffix(".wasm"))
     print(f"built {out} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_js_tools(program: Path, native: bool = False) -> None:
+    """A .js inferlet is built by componentize-js (Node.js) and runs sandboxed only."""
+    if program.suffix != ".js":
+        return
+    from pie.runtime.build_js import missing_tools
+
+    problem = missing_tools()
+    if problem:
+        raise UsageError(problem)
+    if native:
+        raise UsageError("--native runs Python inferlets in-process; a .js one runs as wasm only")
 
 
 def _split_rest(
@@ -124,7 +151,7 @@ def _split_rest(
     unknown = [w for w in words if w.startswith("-")]
     if unknown:
         run.error(f"unrecognized arguments: {' '.join(unknown)} (inferlet arguments go after --)")
-    args.args = words + rest[cut + 1 :]
+    args.args = words + rest[cut + 1 :] + getattr(args, "inferlet_args", [])
     return args
 
 
@@ -141,6 +168,11 @@ def _run(args: argparse.Namespace) -> int:
     program = Path(args.program)
     if not program.is_file():
         raise UsageError(f"no such file: {program}")
+    _check_js_tools(program, args.native)
+    if args.server and args.snapshot_dir:
+        raise UsageError("--snapshot-dir is the server's to set (pie serve --snapshot-dir)")
+    if args.server and args.mcp:
+        raise UsageError("--mcp is for local runs: a server grants those its config names")
     if args.server:
         from pie.client.run import run_remote
 
@@ -149,6 +181,10 @@ def _run(args: argparse.Namespace) -> int:
         from pie.runtime.build import check_syntax
 
         check_syntax(program)
+    elif program.suffix == ".js":
+        from pie.runtime.build_js import check_syntax as check_js_syntax
+
+        check_js_syntax(program)
     elif program.suffix == ".wasm":  # so does a file that is no WebAssembly at all
         with program.open("rb") as f:
             if f.read(4) != b"\0asm":
@@ -157,12 +193,27 @@ def _run(args: argparse.Namespace) -> int:
     return _run_program(args, program)
 
 
+def mcp_grants(flags: list[str]) -> tuple[tuple[str, str], ...]:
+    """`--mcp NAME=URL_OR_COMMAND` flags as the (name, target) pairs an instance is granted."""
+    from pie.runtime.host.mcp import grant
+
+    grants = []
+    for flag in flags:
+        name, _, target = flag.partition("=")
+        try:
+            grants.append(grant(name.strip(), target))
+        except ValueError as e:
+            raise UsageError(f"--mcp {flag}: {e} (write NAME=URL_OR_COMMAND)") from None
+    return tuple(grants)
+
+
 def _drop_failure_note(record: logging.LogRecord) -> bool:
     """The runtime notes each instance's end (`failed: ...`) on its log; `pie run` reports it."""
     return not (record.name.startswith("pie.inferlet.") and record.msg == "failed: %s")
 
 
 def _run_program(args: argparse.Namespace, program: Path) -> int:
+    from pie.control.snapshots import SnapshotSettings
     from pie.engine.engine import Engine, dtype_named
     from pie.runtime.errors import InstanceFailed
     from pie.runtime.runtime import Runtime
@@ -172,7 +223,7 @@ def _run_program(args: argparse.Namespace, program: Path) -> int:
         # Native code shares this process's heap: no limit can hold it (docs/api.md).
         print("pie run: --memory-mb cannot apply with --native (no sandbox)", file=sys.stderr)
         return 2
-    if program.suffix == ".py" and not args.native:  # build errors before the model loads
+    if program.suffix in (".py", ".js") and not args.native:  # a build error: before the load
         from pie.runtime.build import build_inferlet
 
         with step(f"building {program} (cached once built)"):
@@ -186,11 +237,13 @@ def _run_program(args: argparse.Namespace, program: Path) -> int:
         memory_bytes=(args.memory_mb or MEMORY_MB) * 2**20,
         cpu_seconds=args.cpu_seconds,
         wall_seconds=args.wall_seconds,
+        mcp_servers=mcp_grants(args.mcp),
     )
     workers = 0 if args.native else args.workers  # native runs stay in this process anyway
     preparing = contextlib.ExitStack()  # a spinner until the program is ready to launch
     preparing.enter_context(step("starting the runtime, loading the program"))
-    with preparing, Runtime(engine, limits=limits, workers=workers) as runtime:
+    snapshots = SnapshotSettings(directory=args.snapshot_dir)
+    with preparing, Runtime(engine, limits=limits, workers=workers, snapshots=snapshots) as runtime:
         if program.suffix == ".wasm":
             if args.native:
                 print("pie run: --native needs the .py source, not a .wasm", file=sys.stderr)

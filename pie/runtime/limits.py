@@ -49,3 +49,13 @@ class InstanceLimits:
     http_hosts: tuple[str, ...] = LOOPBACK
     http_in_flight: int = 8
     http_timeout_s: float = 30.0
+    # Who launched it (not a limit, but it travels with the launch like one, and children
+    # inherit it): the owner of the KV snapshots it saves, and the only one whose snapshots
+    # it may list or open. `pie run` has one local user; `pie serve` names the client's identity.
+    user: str = "local"
+    # MCP servers (`mcp` interface) it may use: (name, target) pairs, the target a streamable-
+    # HTTP URL or a stdio command line; none by default (the server's `mcp_servers` grants
+    # them). Calls in flight at once, and the most one call (connecting included) may take.
+    mcp_servers: tuple[tuple[str, str], ...] = ()
+    mcp_in_flight: int = 8
+    mcp_timeout_s: float = 30.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -45,7 +46,7 @@ from pie.engine.request import (
 from pie.runtime.build import cache_dir
 from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceFailed, InstanceTrap
-from pie.runtime.host import forward, http, model
+from pie.runtime.host import forward, grammar, http, mcp, model
 from pie.runtime.host.forward import LogitsRef
 from pie.runtime.host.state import InstanceHost, current_host
 from pie.runtime.wasm_bindings import FUNCTIONS, PLAIN
@@ -269,10 +270,29 @@ def _overrides(modules: dict[str, Any]) -> dict[str, dict[str, Callable[..., Any
         headers = [hp.Header(n, v) for n, v in got.headers]
         return hp.Response(got.status, headers, got.body)
 
+    mc = modules["mcp"]
+
+    def call_tool(h: InstanceHost, server: str, tool: str, arguments: str, ms: Any) -> int:
+        return mcp.call_tool(h, server, tool, arguments, None if ms is None else int(ms) / 1000)
+
+    gm = modules["grammar"]
+
+    def constraint_state(h: InstanceHost, c: int) -> Any:
+        state = grammar.constraint_state(h, c)
+        return None if state is None else gm.MatchState(*dataclasses.astuple(state))
+
     return {
+        "grammar": {"constraint-state": constraint_state},
         "http": {
             "fetch": lambda h, r: http.fetch(h, request_of(r)),
             "take-response": response,
+        },
+        "mcp": {
+            "take-tools": lambda h, f: [
+                mc.Tool(t.name, t.description, t.input_schema) for t in mcp.take_tools(h, f)
+            ],
+            "call-tool": call_tool,
+            "take-result": lambda h, f: mc.ToolResult(*dataclasses.astuple(mcp.take_result(h, f))),
         },
         "forward": {
             "execute": lambda h, c, a: forward.execute(h, c, call_of(a)),

@@ -27,6 +27,7 @@ from pie.control.exports import ExportRegistry
 from pie.control.pacing import DECODE_LATENCY_FACTOR
 from pie.control.page_pool import PagePool
 from pie.control.prefix_cache import PrefixCache
+from pie.control.snapshots import SnapshotSettings
 from pie.runtime.build import build_inferlet, cache_dir, source_hash
 from pie.runtime.errors import HostError, InstanceFailed, LaunchError
 from pie.runtime.host.control_port import ControlPort, LocalControl
@@ -35,6 +36,7 @@ from pie.runtime.instance import InferletInstance, Program
 from pie.runtime.limits import KV_SHARE, InstanceLimits
 from pie.runtime.messaging import MessageBus
 from pie.runtime.plane.plane import ControlPlane
+from pie.runtime.plane.snapshots import snapshot_store
 from pie.runtime.records import InstanceRecord
 from pie.runtime.sandbox import Sandbox
 from pie.runtime.session import QueueSession
@@ -62,6 +64,7 @@ class Runtime:
         kv_share: float = KV_SHARE,
         decode_latency_factor: float | None = DECODE_LATENCY_FACTOR,
         prefix_cache: bool = False,
+        snapshots: SnapshotSettings | None = None,
     ) -> None:
         from pie.control.scheduler import BatchScheduler
 
@@ -81,9 +84,12 @@ class Runtime:
             self.pool.reclaim = self.prefix_cache.evict
         self.scheduler.start()
         self.bus = MessageBus()
+        # Named KV snapshots (control/snapshots.py); persisted when a directory is given.
+        self.snapshots = snapshot_store(engine, self.pool, snapshots or SnapshotSettings())
         self.plane = ControlPlane(
-            engine, self.pool, self.exports, self.contexts, self.scheduler, self.bus, self, kv_share
-        )
+            engine, self.pool, self.exports, self.contexts, self.scheduler, self.bus, self,
+            kv_share, self.snapshots,
+        )  # fmt: skip
         self.model = HostModel.of(engine)
         self.services = HostServices(self.model, __version__)
         self.cache_root = cache if cache is not None else cache_dir()
@@ -312,6 +318,7 @@ class Runtime:
         self.scheduler.stop()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
+        self.snapshots.clear()  # their files, if any, stay for the next process
         self.sandbox.close()
 
     def __enter__(self) -> Runtime:

@@ -14,6 +14,7 @@ not count as CPU), it traps there, even if it never calls the host.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -39,7 +40,18 @@ from pie.engine.request import (
 from pie.runtime import wasm_calls
 from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError, InstanceTrap
-from pie.runtime.host import forward, http, kv, messaging, model, poll, runtime_api, session
+from pie.runtime.host import (
+    forward,
+    grammar,
+    http,
+    kv,
+    mcp,
+    messaging,
+    model,
+    poll,
+    runtime_api,
+    session,
+)
 from pie.runtime.host.forward import LogitsRef
 from pie.runtime.host.state import InstanceHost
 from pie.runtime.wit import interface_name
@@ -138,6 +150,11 @@ def _record(**fields: Any) -> wc.Record:
     return record
 
 
+def _record_or_none(value: Any) -> wc.Record | None:
+    """A dataclass as a WIT record, None as an empty option."""
+    return None if value is None else _record(**dataclasses.asdict(value))
+
+
 def model_info_to_wasm(info: model.ModelInfo) -> wc.Record:
     return _record(
         name=info.name,
@@ -198,6 +215,10 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
         "import-context": (kv.import_context, RESULT),
         "unexport": (kv.unexport, RESULT),
         "exports": (kv.exports, PLAIN),
+        "save-snapshot": (kv.save_snapshot, RESULT),
+        "open-snapshot": (kv.open_snapshot, RESULT),
+        "delete-snapshot": (kv.delete_snapshot, RESULT),
+        "snapshots": (kv.snapshots, PLAIN),
         "close": (kv.close, RESULT),
     },
     "forward": {
@@ -247,6 +268,39 @@ FUNCTIONS: dict[str, dict[str, tuple[HostFn, str]]] = {
         "fetch": (lambda h, r: http.fetch(h, http_request_from_wasm(r)), RESULT),
         "take-response": (
             lambda h, f: http_response_to_wasm(http.take_response(h, f)),
+            RESULT,
+        ),
+    },
+    "mcp": {
+        "servers": (mcp.servers, PLAIN),
+        "list-tools": (mcp.list_tools, RESULT),
+        "take-tools": (
+            lambda h, f: [
+                _record(name=t.name, description=t.description, input_schema=t.input_schema)
+                for t in mcp.take_tools(h, f)
+            ],
+            RESULT,
+        ),
+        "call-tool": (
+            lambda h, server, tool, arguments, timeout: mcp.call_tool(
+                h, server, tool, arguments, None if timeout is None else int(timeout) / 1000
+            ),
+            RESULT,
+        ),
+        "take-result": (
+            lambda h, f: _record(**dataclasses.asdict(mcp.take_result(h, f))),
+            RESULT,
+        ),
+    },
+    "grammar": {
+        "from-json-schema": (grammar.from_json_schema, RESULT),
+        "from-regex": (grammar.from_regex, RESULT),
+        "from-lark": (grammar.from_lark, RESULT),
+        "release": (grammar.release, RESULT),
+        "constrain": (grammar.constrain, RESULT),
+        "release-constraint": (grammar.release_constraint, RESULT),
+        "constraint-state": (
+            lambda h, c: _record_or_none(grammar.constraint_state(h, c)),
             RESULT,
         ),
     },

@@ -13,7 +13,18 @@ from pathlib import Path
 PACKAGE = "pie:inferlet"
 VERSION = "0.1.0"
 WORLD = "inferlet"
-INTERFACES = ("runtime", "poll", "model", "kv", "forward", "session", "messaging", "http")
+INTERFACES = (
+    "runtime",
+    "poll",
+    "model",
+    "kv",
+    "forward",
+    "session",
+    "messaging",
+    "http",
+    "mcp",
+    "grammar",
+)
 
 
 def wit_dir() -> Path:

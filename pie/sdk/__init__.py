@@ -5,7 +5,7 @@ the WebAssembly sandbox (componentize-py bindings) and natively (`pie run --nati
 """
 
 # Submodules a program imports by name: imported here so every build bundles them.
-from pie.sdk import http, window
+from pie.sdk import grammar, http, mcp, window
 from pie.sdk._wit import PieError
 from pie.sdk.chat import Chat
 from pie.sdk.context import Context
@@ -66,9 +66,11 @@ __all__ = [
     "allowed_tokens",
     "args",
     "broadcast",
+    "grammar",
     "http",
     "instance_id",
     "launch",
+    "mcp",
     "messages",
     "models",
     "pull",

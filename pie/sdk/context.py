@@ -14,6 +14,7 @@ from typing import Any
 
 from pie.sdk._wit import PieError, call, forward, kv, poll
 from pie.sdk.chat import Chat
+from pie.sdk.grammar import Grammar, constrain, constrained, release_constraint
 from pie.sdk.io import send as _send
 from pie.sdk.loop import PieEventLoop, wait_host
 from pie.sdk.model import Model, Tokenizer
@@ -219,6 +220,7 @@ class Context:
         stream: Callable[[str], Any] | None = None,
         delegate: bool = True,
         chunk_tokens: int | None = None,
+        grammar: Grammar | None = None,
     ) -> str:
         """Generates text until a stop token, a stop string or `max_tokens`.
 
@@ -226,8 +228,15 @@ class Context:
         the start of a stop string is held back until it is known not to be. The loop runs on
         the host unless `delegate` is False: with `stream=send` the host streams to the client
         itself, token by token; any other `stream` is called per chunk of `chunk_tokens`
-        (default `CHUNK_TOKENS`) new tokens. The text is the same either way.
+        (default `CHUNK_TOKENS`) new tokens. The text is the same either way. With `grammar`
+        (`pie.sdk.grammar`) the new text fits it (the context is constrained for this call).
         """
+        if grammar is not None:
+            with constrained(self, grammar):
+                return await self.generate(
+                    max_tokens, sampler, stop=stop, stop_tokens=stop_tokens, stream=stream,
+                    delegate=delegate, chunk_tokens=chunk_tokens,
+                )  # fmt: skip
         stops = self.tokenizer.stop_tokens if stop_tokens is None else frozenset(stop_tokens)
         stop_strings = [s for s in stop if s]
         if delegate and _delegable(sampler):
@@ -344,6 +353,37 @@ class Context:
     @staticmethod
     def unexport(name: str) -> None:
         call(kv.unexport, name)
+
+    def save(self, name: str, ttl: int | None = None) -> None:
+        """Keeps this context's KV as your snapshot `name` (queued tokens run first): it
+        outlives this inferlet for `ttl` seconds (None: the server's default) and only your
+        launches can `Context.open` it. Shares pages, copies nothing; replaces a snapshot of
+        the same name."""
+        self._flush_nowait(keep_last=False)
+        call(kv.save_snapshot, self.handle, name, ttl)
+
+    @classmethod
+    def open(cls, name: str, model: Model | None = None) -> Context:
+        """A new context on your snapshot `name` (its KV shared, nothing recomputed)."""
+        model = model or Model.default()
+        return cls(model, _handle=int(call(kv.open_snapshot, model.handle, name)))
+
+    @staticmethod
+    def delete_snapshot(name: str) -> None:
+        call(kv.delete_snapshot, name)
+
+    @staticmethod
+    def snapshots() -> list[str]:
+        """Your snapshot names (unexpired), sorted."""
+        return [str(n) for n in call(kv.snapshots)]
+
+    def constrain(self, grammar: Grammar) -> None:
+        """Every token after the current end (queued ones excluded) must fit `grammar`, and is
+        sampled only from what it allows (see `pie.sdk.grammar`); `release_constraint` ends it."""
+        constrain(self, grammar)
+
+    def release_constraint(self) -> bool:
+        return release_constraint(self)
 
     def truncate(self, length: int) -> None:
         """Keeps the first `length` tokens (KV and queue)."""

@@ -72,6 +72,11 @@ def add_serve_command(subparsers: Any) -> None:
         dest="prefix_cache",
         help="do not keep KV pages for reuse by later prompts with the same prefix",
     )
+    serve.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="keep named KV snapshots (Context.save) in this folder across restarts",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of errors")
     serve.set_defaults(handler=_serve)
 
@@ -92,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             "drain_grace_s",
             "log_level",
             "prefix_cache",
+            "snapshot_dir",
         )
     }
     if flags["token"] is None and os.environ.get(TOKEN_ENV):
@@ -159,6 +165,7 @@ def _make_runtime(engine: Any, config: ServerConfig) -> Any:
         "decode_latency_factor": config.decode_latency_factor or None,
         "kv_share": config.kv_share,
         "prefix_cache": config.prefix_cache,
+        "snapshots": config.snapshot_settings(),
     }
     if config.workers is not None:
         if "workers" not in inspect.signature(Runtime).parameters:

@@ -7,6 +7,7 @@ Precedence: flags > the file's values > defaults. The file uses the same names a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pie.control.pacing import DECODE_LATENCY_FACTOR
+from pie.control.snapshots import LOCAL_USER, SnapshotSettings
+from pie.runtime.host.mcp import grant
 from pie.runtime.limits import KV_SHARE, LOOPBACK, InstanceLimits
 
 
@@ -47,6 +50,17 @@ class ServerConfig:
     # Hosts inferlets may reach over HTTP (exact names or "*.domain"); a launch may ask for
     # fewer. Loopback only by default.
     http_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK))
+    # MCP servers inferlets may use (`mcp` interface), by name: `[mcp_servers.NAME]` with
+    # `url = "http://127.0.0.1:PORT/mcp"` (streamable HTTP) or `command = ["prog", "arg"]`
+    # (stdio, started on first use in each process that runs instances). None by default.
+    mcp_servers: dict[str, Any] = field(default_factory=dict)
+    # Named KV snapshots (Context.save): how long one lives unless its save says otherwise, the
+    # longest a save may ask, pages a user may keep in them (None: a quarter of the pool), and
+    # a folder that keeps them across restarts (None: in memory only).
+    snapshot_ttl_s: float = 3600.0
+    snapshot_max_ttl_s: float = 7 * 86400.0
+    snapshot_quota_pages: int | None = None
+    snapshot_dir: str | None = None
     # Bearer token clients must present; None admits loopback clients only.
     token: str | None = None
     max_frame_bytes: int = 4 * 2**20  # largest WebSocket frame the protocol accepts
@@ -121,6 +135,20 @@ class ServerConfig:
             raise ConfigError(f"kv_share must be in (0, 1], got {self.kv_share}")
         if self.drain_grace_s < 0:
             raise ConfigError(f"drain_grace_s must be 0 or more, got {self.drain_grace_s}")
+        if not 0 < self.snapshot_ttl_s <= self.snapshot_max_ttl_s:
+            raise ConfigError(
+                f"snapshot_ttl_s must be in (0, snapshot_max_ttl_s = {self.snapshot_max_ttl_s}], "
+                f"got {self.snapshot_ttl_s}"
+            )
+        quota = self.snapshot_quota_pages
+        if quota is not None and (not isinstance(quota, int) or quota < 1):
+            raise ConfigError(f"snapshot_quota_pages must be a positive integer, got {quota!r}")
+        if not isinstance(self.mcp_servers, dict):
+            raise ConfigError(f"mcp_servers must be a table of servers, got {self.mcp_servers!r}")
+        try:
+            self.mcp_grants()
+        except ValueError as e:
+            raise ConfigError(f"mcp_servers: {e}") from None
         if self.token is not None and not self.token:
             raise ConfigError("token must not be empty; leave it out to admit loopback only")
 
@@ -130,4 +158,26 @@ class ServerConfig:
             cpu_seconds=self.cpu_seconds,
             wall_seconds=self.wall_seconds,
             http_hosts=tuple(self.http_hosts),
+            mcp_servers=self.mcp_grants(),
+            user=self.user(),
+        )
+
+    def mcp_grants(self) -> tuple[tuple[str, str], ...]:
+        """The MCP servers as (name, target) pairs, the form instances are granted them in."""
+        return tuple(grant(name, spec) for name, spec in self.mcp_servers.items())
+
+    def user(self) -> str:
+        """Whom this server's clients are, as owners of KV snapshots. Admission knows one
+        identity: holding the token (every holder is the same user), or, with no token,
+        being on this machine (the local user, as in `pie run`)."""
+        if self.token is None:
+            return LOCAL_USER
+        return "token:" + hashlib.sha256(self.token.encode()).hexdigest()[:16]
+
+    def snapshot_settings(self) -> SnapshotSettings:
+        return SnapshotSettings(
+            ttl_s=self.snapshot_ttl_s,
+            max_ttl_s=self.snapshot_max_ttl_s,
+            quota_pages=self.snapshot_quota_pages,
+            directory=self.snapshot_dir,
         )

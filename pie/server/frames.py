@@ -69,6 +69,8 @@ class Launch(Frame, tag="launch"):
     priority: Annotated[int, msgspec.Meta(ge=-100, le=100)] = 0
     # Hosts it may reach over HTTP: some of those the server allows (None: all of them).
     http_hosts: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
+    # MCP servers it may use, by name: some of those the server's config names (None: all).
+    mcp_servers: Annotated[list[str], msgspec.Meta(max_length=64)] | None = None
 
 
 class Attach(Frame, tag="attach"):

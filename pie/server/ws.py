@@ -283,6 +283,18 @@ class Connection:
                     frame.id,
                 )
             limits = dataclasses.replace(limits, http_hosts=tuple(frame.http_hosts))
+        if frame.mcp_servers is not None:
+            granted = dict(limits.mcp_servers)
+            beyond = sorted(set(frame.mcp_servers) - set(granted))
+            if beyond:
+                raise f.FrameError(
+                    "launch_failed",
+                    f"mcp_servers {beyond} are not among those this server's config names "
+                    f"({sorted(granted)})",
+                    frame.id,
+                )
+            narrowed = tuple((name, granted[name]) for name in sorted(set(frame.mcp_servers)))
+            limits = dataclasses.replace(limits, mcp_servers=narrowed)
         try:
             handle = await asyncio.to_thread(
                 partial(state.launch, digest, frame.args, channel, limits=limits)

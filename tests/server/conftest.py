@@ -118,7 +118,10 @@ def server(server_cache: Path, chatty_wasm: bytes) -> Iterator[ServerProcess]:
     """The shared server: bound to every address (so a non-loopback client can be refused),
     frames limited to 1 MiB (so oversized frames are cheap to make)."""
     config = server_cache / "server.toml"
-    config.write_text("max_frame_bytes = 1048576\nupload_chunk_bytes = 524288\n")
+    config.write_text(
+        "max_frame_bytes = 1048576\nupload_chunk_bytes = 524288\n"
+        '[mcp_servers.desk]\nurl = "http://127.0.0.1:9/mcp"\n'  # named, never reached
+    )
     proc = ServerProcess(server_cache, "--config", str(config), host="0.0.0.0")
     yield proc
     code = proc.stop()

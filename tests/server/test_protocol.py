@@ -46,13 +46,19 @@ def test_a_launch_claims_kv_pages_and_a_priority(server: ServerProcess, chatty: 
                 await client.launch(chatty, ["stream", "3"], http_hosts=["example.com"])
             narrower = await client.launch(chatty, ["stream", "3"], http_hosts=["localhost"])
             await narrower.wait()
-            return result, str(too_big.value), str(out_of_range.value) + str(wider.value)
+            with pytest.raises(ServerError) as unnamed:
+                await client.launch(chatty, ["stream", "3"], mcp_servers=["desk", "files"])
+            named = await client.launch(chatty, ["stream", "3"], mcp_servers=["desk"])
+            await named.wait()
+            wider_text = str(wider.value) + str(unnamed.value)
+            return result, str(too_big.value), str(out_of_range.value) + wider_text
 
     result, too_big, out_of_range = run(go())
     assert result.strip()
     assert "http_hosts ['example.com'] are not among those this server allows" in out_of_range
     assert "cannot set aside 10000000 pages" in too_big or "more than the instance" in too_big
     assert "priority" in out_of_range
+    assert "mcp_servers ['files'] are not among those this server's config names" in out_of_range
 
 
 def test_a_known_hash_is_not_sent_again(server: ServerProcess, chatty_wasm: bytes) -> None:

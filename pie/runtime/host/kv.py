@@ -23,7 +23,7 @@ def get(host: InstanceHost, handle: int) -> int:
 
 def _name(name: str) -> str:
     if not name or len(name) > MAX_NAME:
-        raise HostError(f"export names are 1 to {MAX_NAME} characters, got {len(name)}")
+        raise HostError(f"names are 1 to {MAX_NAME} characters, got {len(name)}")
     return name
 
 
@@ -84,6 +84,24 @@ def unexport(host: InstanceHost, name: str) -> None:
 
 def exports(host: InstanceHost) -> list[str]:
     return host.control.kv_exports()
+
+
+def save_snapshot(host: InstanceHost, handle: int, name: str, ttl_s: int | None) -> None:
+    host.control.kv_save(get(host, handle), _name(name), ttl_s)
+
+
+def open_snapshot(host: InstanceHost, model: int, name: str) -> int:
+    model_host.info(host, model)
+    checked = _name(name)
+    return _new(host, lambda new: host.control.kv_open(new, checked))
+
+
+def delete_snapshot(host: InstanceHost, name: str) -> None:
+    host.control.kv_snapshot_delete(_name(name))
+
+
+def snapshots(host: InstanceHost) -> list[str]:
+    return host.control.kv_snapshots()
 
 
 def close(host: InstanceHost, handle: int) -> None:

@@ -24,19 +24,22 @@ from pie.control.exports import ExportRegistry
 from pie.control.forward import ForwardRequest
 from pie.control.page_pool import PagePool
 from pie.control.scheduler import BatchScheduler
+from pie.control.snapshots import LOCAL_USER, SnapshotStore
 from pie.engine.request import Greedy, Sample, SampleResult, SamplerSpec
 from pie.runtime.calls import ForwardCall, GeneratedChunk, GenerateSpec
 from pie.runtime.errors import GUEST_ERRORS, HostError
 from pie.runtime.limits import InstanceLimits
 from pie.runtime.messaging import MessageBus, Subscription
 from pie.runtime.plane.generation import Generation
+from pie.runtime.plane.grammars import Applied, Constraints, ConstraintState
 from pie.runtime.plane.requests import forward_request
+from pie.runtime.plane.snapshots import open_snapshot, snapshot_args
 
 log = logging.getLogger(__name__)
 
 # Operations that wait for a context's forwards to finish (at most a step or so): a caller that
 # serves many instances (the worker hub) runs them off its own thread.
-WAITING_OPS = frozenset({"kv_fork", "kv_truncate", "kv_export", "kv_close"})
+WAITING_OPS = frozenset({"kv_fork", "kv_truncate", "kv_export", "kv_close", "kv_save", "kv_open"})
 
 
 class Instances(Protocol):
@@ -51,6 +54,7 @@ class OwnerState:
     """One live instance's objects in the control process, by the handles its host chose."""
 
     session: Any
+    user: str = LOCAL_USER  # whose snapshots it saves and may open
     contexts: dict[int, KvContext] = field(default_factory=dict)
     generations: dict[int, Generation] = field(default_factory=dict)
     busy: dict[KvContext, Generation] = field(default_factory=dict)  # generating contexts
@@ -71,6 +75,7 @@ class ControlPlane:
         bus: MessageBus,
         instances: Instances,
         kv_share: float = 1.0,
+        snapshots: SnapshotStore | None = None,
     ) -> None:
         self.engine = engine
         self.pool = pool
@@ -80,8 +85,11 @@ class ControlPlane:
         self.bus = bus
         self.instances = instances
         self.default_kv_pages = default_quota(engine, pool.num_pages, kv_share)
+        self.snapshots = snapshots or SnapshotStore(pool)
         self._lock = threading.Lock()
         self._owners: dict[int, OwnerState] = {}
+        # grammar matchers following contexts (pie/runtime/plane/grammars.py)
+        self.grammars = Constraints(engine.tokenizer, int(engine.vocab_size))
 
     # ---- instance life ----------------------------------------------------------------------
     def register(self, owner: int, session: Any, limits: InstanceLimits) -> None:
@@ -97,7 +105,7 @@ class ControlPlane:
         self.pool.set_quota(owner, quota)
         self.scheduler.set_priority(owner, limits.priority)
         with self._lock:
-            self._owners[owner] = OwnerState(session)
+            self._owners[owner] = OwnerState(session, limits.user)
 
     def release(self, owner: int) -> None:
         """Everything `owner` holds goes back: its generations stop, its queued forwards are
@@ -116,6 +124,7 @@ class ControlPlane:
             self.contexts.close_owner(owner)
         except Exception:
             log.exception("instance %d: releasing its forwards and contexts failed", owner)
+        self.grammars.drop_owner(owner)
         self.pool.release_owner(owner)
         self.pool.set_quota(owner, None)
 
@@ -152,7 +161,10 @@ class ControlPlane:
         self._add_ctx(owner, handle, self.contexts.create(owner))
 
     def kv_fork(self, owner: int, handle: int, new: int) -> None:
-        self._add_ctx(owner, new, self.contexts.fork(self._ctx(owner, handle)))
+        parent = self._ctx(owner, handle)
+        child = self.contexts.fork(parent)
+        self._add_ctx(owner, new, child)
+        self.grammars.fork(parent, child)
 
     def kv_length(self, owner: int, handle: int) -> int:
         return int(self._ctx(owner, handle, idle=False).length)
@@ -164,7 +176,9 @@ class ControlPlane:
         self.contexts.preallocate(self._ctx(owner, handle), slots)
 
     def kv_truncate(self, owner: int, handle: int, length: int) -> None:
-        self.contexts.truncate(self._ctx(owner, handle), length)
+        ctx = self._ctx(owner, handle)
+        self.contexts.truncate(ctx, length)
+        self.grammars.truncate(ctx, length)
 
     def kv_mask(self, owner: int, handle: int, start: int, end: int, hidden: bool) -> None:
         self.contexts.mask(self._ctx(owner, handle), start, end, hidden)
@@ -181,12 +195,30 @@ class ControlPlane:
     def kv_exports(self, owner: int) -> list[str]:
         return [str(n) for n in self.exports.list()]
 
+    def kv_save(self, owner: int, handle: int, name: str, ttl_s: int | None) -> None:
+        self.snapshots.save(*snapshot_args(self, owner, self._ctx(owner, handle), name, ttl_s))
+
+    def kv_open(self, owner: int, new: int, name: str) -> None:
+        self._add_ctx(owner, new, open_snapshot(self, owner, name))
+
+    def kv_snapshot_delete(self, owner: int, name: str) -> None:
+        self.snapshots.delete(self.user_of(owner), name)
+
+    def kv_snapshots(self, owner: int) -> list[str]:
+        return self.snapshots.names(self.user_of(owner))
+
+    def user_of(self, owner: int) -> str:
+        """The user `owner` was launched for (the owner of its snapshots)."""
+        with self._lock:
+            return self._state(owner).user
+
     def kv_close(self, owner: int, handle: int) -> None:
         ctx = self._ctx(owner, handle)
         with self._lock:
             state = self._owners.get(owner)
             if state is not None:
                 state.contexts.pop(handle, None)
+        self.grammars.drop(ctx)
         self.contexts.close(ctx)
 
     # ---- forward passes -----------------------------------------------------------------------
@@ -198,25 +230,35 @@ class ControlPlane:
         futures: list[cf.Future[list[SampleResult]] | None] = []
         requests: list[ForwardRequest] = []
         ahead: dict[KvContext, int] = {}  # tokens of earlier passes in this call, per context
+        applied = []  # what each request did to its context's grammar matcher, if any
         for handle, call in passes:
             try:
                 ctx = self._ctx(owner, handle)
                 start = ctx.length + ahead.get(ctx, 0)
-                requests.append(forward_request(ctx, start, call, int(self.engine.vocab_size)))
+                request = forward_request(ctx, start, call, int(self.engine.vocab_size))
+                applied.append(self.grammars.apply(request))
+                requests.append(request)
                 ahead[ctx] = ahead.get(ctx, 0) + len(call.tokens)
                 futures.append(None)
             except GUEST_ERRORS as e:
                 refused: cf.Future[list[SampleResult]] = cf.Future()
                 refused.set_exception(e)
                 futures.append(refused)
-        submitted = iter(self.scheduler.submit_many(requests))
+        queued = self.scheduler.submit_many(requests)
+        # newest first: passes refused at once roll their context's matcher back in turn
+        for done, future in reversed(list(zip(applied, queued, strict=True))):
+            self.grammars.watch(done, future)
+        submitted = iter(queued)
         return [next(submitted) if f is None else f for f in futures]
 
     def _submit_tokens(
         self, ctx: KvContext, tokens: list[int], sampler: SamplerSpec
     ) -> cf.Future[list[SampleResult]]:
         request = ForwardRequest(context=ctx, tokens=tokens, outputs=[(len(tokens) - 1, sampler)])
-        return self.scheduler.submit(request)
+        applied = self.grammars.apply(request)  # a rejected token fails the generation
+        future = self.scheduler.submit(request)
+        self.grammars.watch(applied, future)
+        return future
 
     def generate_many(self, owner: int, runs: list[tuple[int, int, GenerateSpec]]) -> None:
         """Starts delegated loops, each `(generation handle, context handle, spec)`; their first
@@ -226,7 +268,7 @@ class ControlPlane:
             state = self._owners.get(owner)
         if state is None:
             raise HostError(f"instance {owner} has ended")
-        starting: list[tuple[Generation, ForwardRequest]] = []
+        starting: list[tuple[Generation, ForwardRequest, Applied | None]] = []
         for gen_id, handle, spec in runs:
             made = self._new_generation(owner, state, gen_id, handle, spec)
             if made is None:
@@ -234,11 +276,18 @@ class ControlPlane:
             gen, ctx = made
             if spec.max_tokens <= 0:
                 gen.start()  # nothing to run: it ends at once
-            else:
-                sampled: list[tuple[int, SamplerSpec]] = [(len(spec.tokens) - 1, spec.sampler)]
-                starting.append((gen, ForwardRequest(ctx, list(spec.tokens), outputs=sampled)))
-        futures = self.scheduler.submit_many([request for _, request in starting])
-        for (gen, _), future in zip(starting, futures, strict=True):
+                continue
+            sampled: list[tuple[int, SamplerSpec]] = [(len(spec.tokens) - 1, spec.sampler)]
+            request = ForwardRequest(ctx, list(spec.tokens), outputs=sampled)
+            try:
+                applied = self.grammars.apply(request)
+            except GUEST_ERRORS as e:  # a queued token the context's grammar rejects
+                gen.fail(e)
+                continue
+            starting.append((gen, request, applied))
+        futures = self.scheduler.submit_many([request for _, request, _ in starting])
+        for (gen, _, applied), future in zip(starting, futures, strict=True):
+            self.grammars.watch(applied, future)
             gen.begin(future)
 
     def _new_generation(
@@ -299,6 +348,20 @@ class ControlPlane:
             gen = self._state(owner).generations.get(gen_id)
         if gen is not None:
             gen.stop()
+
+    # ---- grammars -----------------------------------------------------------------------------
+    def grammar_constrain(self, owner: int, handle: int, grammar: str, start: int) -> None:
+        """Attaches a fresh matcher of `grammar` (compiled by the instance's host) to the
+        context, matching its tokens from slot `start` on."""
+        self.grammars.attach(self._ctx(owner, handle), grammar, start)
+
+    def grammar_release_constraint(self, owner: int, handle: int) -> bool:
+        return self.grammars.detach(self._ctx(owner, handle))
+
+    def grammar_state(self, owner: int, handle: int) -> list[Any] | None:
+        """[matched, accepting, stopped] of the context's matcher; None without one."""
+        state: ConstraintState | None = self.grammars.state(self._ctx(owner, handle, idle=False))
+        return None if state is None else [state.matched, state.accepting, state.stopped]
 
     # ---- the client session -------------------------------------------------------------------
     def send_text(self, owner: int, text: str) -> None:
@@ -403,7 +466,9 @@ OPERATIONS = frozenset(
     {
         "kv_create", "kv_fork", "kv_length", "kv_page_count", "kv_reserve", "kv_truncate",
         "kv_mask", "kv_export", "kv_import", "kv_unexport", "kv_exports", "kv_close",
+        "kv_save", "kv_open", "kv_snapshot_delete", "kv_snapshots",
         "generate_many", "generate_next", "generate_stop",
+        "grammar_constrain", "grammar_release_constraint", "grammar_state",
         "send_text", "send_blob", "output", "receive_text", "receive_blob",
         "push", "broadcast", "pull", "subscribe", "next_message", "unsubscribe",
         "launch_child", "cancel_child",

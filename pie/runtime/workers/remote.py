@@ -157,6 +157,18 @@ class RemoteControl:
     def kv_exports(self) -> list[str]:
         return [str(n) for n in self._call("kv_exports")]
 
+    def kv_save(self, ctx: int, name: str, ttl_s: int | None) -> None:
+        self._call("kv_save", ctx, name, ttl_s)
+
+    def kv_open(self, new: int, name: str) -> None:
+        self._call("kv_open", new, name)
+
+    def kv_snapshot_delete(self, name: str) -> None:
+        self._call("kv_snapshot_delete", name)
+
+    def kv_snapshots(self) -> list[str]:
+        return [str(n) for n in self._call("kv_snapshots")]
+
     def kv_close(self, ctx: int) -> None:
         self._tell("kv_close", ctx)
 
@@ -180,6 +192,17 @@ class RemoteControl:
 
     def generate_stop(self, gen: int) -> None:
         self._tell("generate_stop", gen)
+
+    # ---- grammars (the matcher lives in the control process) -------------------------------------
+    def grammar_constrain(self, ctx: int, grammar: str, start: int) -> None:
+        self._call("grammar_constrain", ctx, grammar, start)
+
+    def grammar_release_constraint(self, ctx: int) -> bool:
+        return bool(self._call("grammar_release_constraint", ctx))
+
+    def grammar_state(self, ctx: int) -> list[Any] | None:
+        state = self._call("grammar_state", ctx)
+        return None if state is None else list(state)
 
     # ---- the client session -------------------------------------------------------------------
     def send_text(self, text: str) -> None:

@@ -27,6 +27,7 @@ import msgspec
 
 from pie.runtime import wasm_calls
 from pie.runtime.errors import InstanceFailed
+from pie.runtime.host import mcp
 from pie.runtime.host.state import HostModel, HostServices, InstanceHost
 from pie.runtime.instance import InferletInstance, Program
 from pie.runtime.limits import InstanceLimits
@@ -145,6 +146,7 @@ class Worker:
         deadline = time.monotonic() + 2.0
         while any(not i.ended for i in instances) and time.monotonic() < deadline:
             time.sleep(0.01)
+        mcp.close_all()  # this process's MCP sessions (os._exit below skips atexit)
         self.sandbox.close()
 
     def counters(self) -> dict[str, float]:
