@@ -115,17 +115,6 @@ async def run_code(base_url: str, code: str, timeout: float) -> str:
         return f"error: {e}"
 
 
-def sync_context(ctx: Context, held: list[int], rendered: list[int]) -> bool:
-    """Keeps the common start of what the context holds and `rendered`, fills the rest of it.
-
-    True when a sampled token had to go: its text re-encodes to other tokens."""
-    common = next((i for i, (a, b) in enumerate(zip(held, rendered, strict=False)) if a != b), None)
-    common = min(len(held), len(rendered)) if common is None else common
-    ctx.truncate(common)
-    ctx.fill_tokens(rendered[common:])
-    return common < len(held) - 1  # the last one is the turn's stop token or its template's
-
-
 async def main(args: list[str]) -> str:
     base_url, questions = args[0], [q for q in args[1].split("\n") if q.strip()]
     max_steps = int(args[2]) if len(args) > 2 else 4 * len(questions)
@@ -136,7 +125,9 @@ async def main(args: list[str]) -> str:
     held, retokenized = [], 0  # the tokens the context holds (KV and queue); turns run again
     while not agent.done:
         rendered = tokenizer.encode(tokenizer.apply_chat_template(agent.messages))
-        retokenized += sync_context(ctx, held, rendered)
+        # a sampled token had to go when its text re-encodes to other tokens (the last held
+        # one is the turn's stop token, which the template writes its own way)
+        retokenized += ctx.refill(held, rendered) < len(held) - 1
         generated = await ctx.generate_tokens(MAX_TOKENS, Greedy())
         held = rendered + generated
         code = agent.turn(tokenizer.decode(t for t in generated if t not in tokenizer.stop_tokens))

@@ -86,12 +86,8 @@ class Turns:  # one role's conversation in one context; a reply runs only the to
     async def reply(self, messages: list[dict[str, str]], max_tokens: int) -> str:
         tok = self.ctx.tokenizer
         rendered = tok.encode(tok.apply_chat_template(messages))
-        same, most = 0, min(len(self.held), len(rendered))
-        while same < most and self.held[same] == rendered[same]:
-            same += 1
+        same = self.ctx.refill(self.held, rendered)
         self.retokenized += same < len(self.held) - 1  # a sampled token re-encodes otherwise
-        self.ctx.truncate(same)
-        self.ctx.fill_tokens(rendered[same:])
         generated = await self.ctx.generate_tokens(max_tokens, Greedy())
         self.held = rendered + generated
         return tok.decode([t for t in generated if t not in tok.stop_tokens])

@@ -11,13 +11,18 @@ itself. Both run the inferlet's own `Agent`, greedy, with the same `MAX_TOKENS` 
 
 from __future__ import annotations
 
-import json
-
 import httpx
 from openai import AsyncOpenAI
 
-from bench.agentic.react import ROOT, STEPS_PER_QUESTION, TOOL_TIMEOUT_S, agent_module, drive_client
-from bench.agentic.workload import Setting, TaskResult
+from bench.agentic.react import (
+    ROOT,
+    STEPS_PER_QUESTION,
+    TOOL_TIMEOUT_S,
+    agent_module,
+    drive_client,
+    questions_for,
+)
+from bench.agentic.workload import Setting, TaskResult, agent_result
 
 INFERLET = ROOT / "inferlets" / "agent_codeact.py"
 # (question, answer). SmolLM2 (greedy) answers each with one code run: 7 of 8 answers right at
@@ -30,31 +35,22 @@ QUESTIONS = [
 ]
 
 
-def questions_for(task: int, ios: int) -> list[str]:
-    return [QUESTIONS[(task + i) % len(QUESTIONS)][0] for i in range(ios)]
-
-
-def expected_for(task: int, ios: int) -> str:
-    return "; ".join(QUESTIONS[(task + i) % len(QUESTIONS)][1] for i in range(ios))
-
-
 class CodeactWorkload:
     name = "codeact"
     inferlet = INFERLET
 
     def inferlet_args(self, task: int, setting: Setting, tools_url: str) -> list[str]:
-        questions = questions_for(task, setting.ios)
+        questions = questions_for(QUESTIONS, task, setting.ios)
         return [tools_url, "\n".join(questions), str(STEPS_PER_QUESTION * len(questions))]
 
     def parse_result(self, output: str) -> TaskResult:
-        data = json.loads(output)
-        return TaskResult(str(data["answer"]), int(data["ios"]), int(data["steps"]))
+        return agent_result(output)
 
     async def run_client(
         self, client: AsyncOpenAI, model: str, task: int, setting: Setting, tools_url: str
     ) -> TaskResult:
         shared = agent_module(INFERLET)
-        questions = questions_for(task, setting.ios)
+        questions = questions_for(QUESTIONS, task, setting.ios)
         agent = shared["Agent"](questions, STEPS_PER_QUESTION * len(questions))
         async with httpx.AsyncClient(timeout=TOOL_TIMEOUT_S) as http:
 

@@ -12,7 +12,6 @@ their answers are equal wherever the engine's greedy tokens are.
 
 from __future__ import annotations
 
-import json
 import runpy
 from collections.abc import Awaitable, Callable
 from functools import cache
@@ -22,7 +21,7 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI
 
-from bench.agentic.workload import Setting, TaskResult
+from bench.agentic.workload import Setting, TaskResult, agent_result
 
 ROOT = Path(__file__).resolve().parents[2]
 INFERLET = ROOT / "inferlets" / "agent_react.py"
@@ -45,12 +44,10 @@ def agent_module(path: Path = INFERLET) -> dict[str, Any]:
     return runpy.run_path(str(path), run_name="agent")
 
 
-def questions_for(task: int, ios: int) -> list[str]:
-    return [QUESTIONS[(task + i) % len(QUESTIONS)][0] for i in range(ios)]
-
-
-def expected_for(task: int, ios: int) -> str:
-    return "; ".join(QUESTIONS[(task + i) % len(QUESTIONS)][1] for i in range(ios))
+def questions_for(pool: list[tuple[str, str]], task: int, ios: int) -> list[str]:
+    """Task `task`'s `ios` questions from a pool of (question, answer), each task from its own
+    start in the pool."""
+    return [pool[(task + i) % len(pool)][0] for i in range(ios)]
 
 
 async def drive_client(
@@ -77,18 +74,17 @@ class ReactWorkload:
     inferlet = INFERLET
 
     def inferlet_args(self, task: int, setting: Setting, tools_url: str) -> list[str]:
-        questions = questions_for(task, setting.ios)
+        questions = questions_for(QUESTIONS, task, setting.ios)
         return [tools_url, "\n".join(questions), str(STEPS_PER_QUESTION * len(questions))]
 
     def parse_result(self, output: str) -> TaskResult:
-        data = json.loads(output)
-        return TaskResult(str(data["answer"]), int(data["ios"]), int(data["steps"]))
+        return agent_result(output)
 
     async def run_client(
         self, client: AsyncOpenAI, model: str, task: int, setting: Setting, tools_url: str
     ) -> TaskResult:
         shared = agent_module()
-        questions = questions_for(task, setting.ios)
+        questions = questions_for(QUESTIONS, task, setting.ios)
         agent = shared["Agent"](questions, STEPS_PER_QUESTION * len(questions))
         async with httpx.AsyncClient(timeout=TOOL_TIMEOUT_S) as http:
 

@@ -12,7 +12,6 @@ same.
 from __future__ import annotations
 
 import asyncio
-import json
 import runpy
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI
 
-from bench.agentic.workload import Setting, TaskResult
+from bench.agentic.workload import Setting, TaskResult, agent_result
 
 INFERLET = Path(__file__).resolve().parents[2] / "inferlets" / "agent_swarm.py"
 AGENT: dict[str, Any] = runpy.run_path(str(INFERLET), run_name="agent")
@@ -126,8 +125,7 @@ class SwarmWorkload:
         return [tools_url, str(researchers(setting.ios)), case_of(task), *asked]
 
     def parse_result(self, output: str) -> TaskResult:
-        data = json.loads(output)
-        return TaskResult(str(data["answer"]), int(data["ios"]), int(data["steps"]))
+        return agent_result(output)
 
     async def run_client(
         self, client: AsyncOpenAI, model: str, task: int, setting: Setting, tools_url: str

@@ -10,6 +10,7 @@ be equal; the harness (`bench.agentic.harness`) runs both on the same tasks and 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,6 +34,12 @@ class TaskResult:
     answer: str
     ios: int  # tool calls it actually made
     steps: int  # generation steps (model turns) it ran
+
+
+def agent_result(output: str) -> TaskResult:
+    """An agent inferlet's result JSON (`answer`, `ios`, `steps`, as the agents return it)."""
+    data = json.loads(output)
+    return TaskResult(str(data["answer"]), int(data["ios"]), int(data["steps"]))
 
 
 class Workload(Protocol):

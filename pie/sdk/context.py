@@ -80,6 +80,16 @@ class Context:
         messages = chat.messages if isinstance(chat, Chat) else list(chat)
         self.fill(self.tokenizer.apply_chat_template(messages, add_generation_prompt))
 
+    def refill(self, held: Sequence[int], tokens: Sequence[int]) -> int:
+        """Makes the context hold `tokens` where it holds `held` now (its KV and queue): keeps
+        their common start, rolls the rest back and queues the new tail; returns the tokens
+        kept. An agent that re-renders its whole conversation each turn runs only what changed."""
+        kept = next((i for i, (a, b) in enumerate(zip(held, tokens, strict=False)) if a != b), None)
+        kept = min(len(held), len(tokens)) if kept is None else kept
+        self.truncate(kept)
+        self.fill_tokens(tokens[kept:])
+        return kept
+
     # ---- forward passes ----------------------------------------------------------------------
     def submit(
         self,
