@@ -6,12 +6,14 @@ into a temporary cache directory and every runtime shares it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,6 +84,15 @@ def runtime(shared_runtime: Runtime, fake_engine: FakeEngine) -> Iterator[Runtim
         time.sleep(0.01)
     assert not shared_runtime.instances(), "instances still running after the test"
     assert_pool_whole(shared_runtime)
+
+
+def run_both(rt: Runtime, name: str, args: list[str], **kwargs: Any) -> Any:
+    """Runs program `name` sandboxed, then `name-native` natively, with the same arguments and
+    limits; the two results must be equal. Returns it parsed as JSON."""
+    wasm = rt.run(name, args, **kwargs)
+    native = rt.run(f"{name}-native", args, native=True, **kwargs)
+    assert wasm == native
+    return json.loads(wasm)
 
 
 def assert_pool_whole(rt: Runtime) -> None:

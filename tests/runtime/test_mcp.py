@@ -21,7 +21,7 @@ from pie.runtime.host.mcp import close_all, grant
 from pie.runtime.limits import InstanceLimits
 from pie.runtime.runtime import Runtime
 from pie.server.config import ConfigError, ServerConfig
-from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime
+from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime, run_both
 from tests.runtime.fakes import OFFSET, FakeEngine, reference_generation
 
 pytestmark = pytest.mark.slow  # builds components
@@ -110,47 +110,44 @@ def rt(
         assert_pool_whole(runtime)
 
 
-def run_both(rt: Runtime, args: list[str], limits: InstanceLimits) -> Any:
-    """The probe sandboxed, then natively: the two outputs must be equal. Returns it parsed."""
-    wasm = rt.run("probe", args, limits=limits)
-    assert wasm == rt.run("probe-native", args, native=True, limits=limits)
-    return json.loads(wasm)
+def run_probe(rt: Runtime, args: list[str], limits: InstanceLimits) -> Any:
+    return run_both(rt, "probe", args, limits=limits)
 
 
 def test_an_inferlet_lists_and_calls_the_tools_of_its_servers(
     rt: Runtime, limits: InstanceLimits
 ) -> None:
     names = ["desk", "desk-stdio", "down", "five-hundred", "garbage", "hung"]
-    assert run_both(rt, ["servers"], limits) == names
+    assert run_probe(rt, ["servers"], limits) == names
     for server in ("desk", "desk-stdio"):  # streamable HTTP, and a stdio subprocess
-        tools = dict(run_both(rt, ["tools", server], limits))
+        tools = dict(run_probe(rt, ["tools", server], limits))
         assert tools["add"] == "add(a: number, b: number)"
         assert tools["search_flights"].startswith("search_flights(origin: string")
-        assert run_both(rt, ["call", server, "add", '{"a": 1.5, "b": 2}'], limits) == {
+        assert run_probe(rt, ["call", server, "add", '{"a": 1.5, "b": 2}'], limits) == {
             "text": "3.5",
             "data": {"result": 3.5},
         }
-    city = run_both(rt, ["call", "desk", "lookup_city", '{"city": "lima"}'], limits)
+    city = run_probe(rt, ["call", "desk", "lookup_city", '{"city": "lima"}'], limits)
     assert city["data"] == {"city": "Lima", "country": "Peru", "population": 10092000,
                             "timezone": "America/Lima"}  # fmt: skip
 
 
 def test_a_failing_tool_is_an_error_the_program_reads(rt: Runtime, limits: InstanceLimits) -> None:
-    failed = run_both(rt, ["call", "desk", "fail", '{"reason": "out of seats"}'], limits)
+    failed = run_probe(rt, ["call", "desk", "fail", '{"reason": "out of seats"}'], limits)
     assert failed["error"].startswith("tool 'fail' of MCP server 'desk' failed: ")
     assert failed["error"].endswith("out of seats")  # the tool's own message reaches it
-    unknown = run_both(rt, ["call", "desk", "lookup_city", '{"city": "Atlantis"}'], limits)
+    unknown = run_probe(rt, ["call", "desk", "lookup_city", '{"city": "Atlantis"}'], limits)
     assert "no city named 'Atlantis'" in unknown["error"]
-    bad_args = run_both(rt, ["call", "desk", "add", '{"a": "x"}'], limits)
+    bad_args = run_probe(rt, ["call", "desk", "add", '{"a": "x"}'], limits)
     assert "tool 'add' of MCP server 'desk' failed" in bad_args["error"]
 
 
 def test_a_hung_tool_times_out_and_the_session_goes_on(rt: Runtime, limits: InstanceLimits) -> None:
     began = time.monotonic()
-    hung = run_both(rt, ["call", "desk", "hang", '{"seconds": 30}', "0.3"], limits)
+    hung = run_probe(rt, ["call", "desk", "hang", '{"seconds": 30}', "0.3"], limits)
     assert hung == {"error": "MCP server 'desk' did not answer within 0.3 s"}
     assert time.monotonic() - began < 5  # two runs of 0.3 s, not 30
-    assert run_both(rt, ["call", "desk", "add", '{"a": 1, "b": 1}'], limits)["text"] == "2.0"
+    assert run_probe(rt, ["call", "desk", "add", '{"a": 1, "b": 1}'], limits)["text"] == "2.0"
 
 
 def test_servers_that_fail_give_errors_never_a_hung_instance(
@@ -163,29 +160,29 @@ def test_servers_that_fail_give_errors_never_a_hung_instance(
         ("garbage", "MCP server 'garbage'"),
         ("hung", "did not answer within 1 s"),
     ):
-        got = run_both(rt, ["call", server, "add", '{"a": 1, "b": 2}', "1"], limits)
+        got = run_probe(rt, ["call", server, "add", '{"a": 1, "b": 2}', "1"], limits)
         assert seen in got["error"], (server, got)
     assert time.monotonic() - began < 20
 
 
 def test_servers_not_granted_are_refused(rt: Runtime, limits: InstanceLimits) -> None:
-    refused = run_both(rt, ["tools", "elsewhere"], limits)["error"]
+    refused = run_probe(rt, ["tools", "elsewhere"], limits)["error"]
     assert "MCP server 'elsewhere' is not granted to this instance" in refused
     assert "mcp_servers" in refused
     narrowed = dataclasses.replace(limits, mcp_servers=limits.mcp_servers[2:])  # no desk
-    assert "is not granted" in run_both(rt, ["call", "desk", "add", "{}"], narrowed)["error"]
+    assert "is not granted" in run_probe(rt, ["call", "desk", "add", "{}"], narrowed)["error"]
     nothing = InstanceLimits()  # the default grants no server at all
-    assert run_both(rt, ["servers"], nothing) == []
-    assert "(it may use no server)" in run_both(rt, ["tools", "desk"], nothing)["error"]
+    assert run_probe(rt, ["servers"], nothing) == []
+    assert "(it may use no server)" in run_probe(rt, ["tools", "desk"], nothing)["error"]
 
 
 def test_calls_run_concurrently_up_to_the_cap(rt: Runtime, limits: InstanceLimits) -> None:
-    assert run_both(rt, ["gather", "desk", "3"], limits) == {
+    assert run_probe(rt, ["gather", "desk", "3"], limits) == {
         "texts": ["woke"] * 3,
         "overlapped": True,  # three 0.4 s calls in under a second: in flight together
     }
     capped = dataclasses.replace(limits, mcp_in_flight=2)
-    assert "at most 2 at once" in run_both(rt, ["gather", "desk", "3"], capped)["error"]
+    assert "at most 2 at once" in run_probe(rt, ["gather", "desk", "3"], capped)["error"]
 
 
 def test_the_server_config_names_mcp_servers() -> None:

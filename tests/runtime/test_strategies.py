@@ -7,7 +7,6 @@ pool) and on the real SmolLM2 engine where a claim needs a real model (fewer for
 
 from __future__ import annotations
 
-import json
 import math
 import runpy
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 
 from pie.runtime.limits import InstanceLimits
 from pie.runtime.runtime import Runtime
-from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime
+from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime, run_both
 from tests.runtime.fakes import OFFSET, FakeEngine, next_token, reference_generation
 
 pytestmark = pytest.mark.slow  # builds components
@@ -82,14 +81,6 @@ def rt(fake_rt: Runtime, fake: FakeEngine) -> Iterator[Runtime]:
     yield fake_rt
     assert not fake_rt.instances()
     assert_pool_whole(fake_rt)
-
-
-def run_both(rt: Runtime, name: str, args: list[str], **kwargs: Any) -> Any:
-    """Runs `name` sandboxed, then natively; the two results must be equal. Returns it parsed."""
-    wasm = rt.run(name, args, **kwargs)
-    native = rt.run(f"{name}-native", args, native=True, **kwargs)
-    assert wasm == native
-    return json.loads(wasm)
 
 
 # ---- speculative_ngram ---------------------------------------------------------------------------

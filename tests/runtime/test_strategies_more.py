@@ -9,7 +9,6 @@ watermark is also run on the real SmolLM2, where the z-score must tell marked fr
 
 from __future__ import annotations
 
-import json
 import runpy
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from pie.runtime.runtime import Runtime
-from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime
+from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime, run_both
 from tests.runtime.fakes import OFFSET, FakeEngine, reference_generation
 
 pytestmark = pytest.mark.slow  # builds components
@@ -81,14 +80,6 @@ def rt(
     yield fake_rt, copies
     assert not fake_rt.instances()
     assert_pool_whole(fake_rt)
-
-
-def run_both(rt: Runtime, name: str, args: list[str]) -> Any:
-    """Runs `name` sandboxed, then natively; the two results must be equal. Returns it parsed."""
-    wasm = rt.run(name, args)
-    native = rt.run(f"{name}-native", args, native=True)
-    assert wasm == native
-    return json.loads(wasm)
 
 
 def _widths(fake: FakeEngine) -> list[int]:

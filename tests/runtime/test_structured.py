@@ -22,7 +22,7 @@ import pytest
 
 from pie.runtime.errors import InstanceFailed
 from pie.runtime.runtime import Runtime
-from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime
+from tests.runtime.conftest import ROOT, assert_pool_whole, make_runtime, run_both
 
 pytestmark = pytest.mark.slow  # builds components, runs the real model
 
@@ -76,14 +76,6 @@ def rt(pie_cache: Path) -> Iterator[Runtime]:
         yield runtime
         assert not runtime.instances()
         assert_pool_whole(runtime)
-
-
-def run_both(rt: Runtime, name: str, args: list[str]) -> Any:
-    """Runs `name` sandboxed (in the worker), then natively; equal results, parsed."""
-    wasm = rt.run(name, args)
-    native = rt.run(f"{name}-native", args, native=True)
-    assert wasm == native
-    return json.loads(wasm)
 
 
 def _complete_json(out: dict[str, Any], schema: Any) -> None:
