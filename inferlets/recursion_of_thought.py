@@ -29,9 +29,9 @@ stats = {"shared": 0, "copied": 0, "longest": 0}
 
 
 def fork(parent: Context) -> Context:
-    full, partial = divmod(len(parent) - 1, parent.model.page_size)  # the fork flushes but one
-    stats["shared"] += full
-    stats["copied"] += partial > 0
+    shared, copied = parent.fork_pages()
+    stats["shared"] += shared
+    stats["copied"] += copied
     return parent.fork()
 
 

@@ -25,9 +25,9 @@ pages = {"shared": 0, "copied": 0}
 
 
 def fork(parent: Context) -> Context:
-    full, partial = divmod(len(parent) - 1, parent.model.page_size)  # the fork flushes but one
-    pages["shared"] += full
-    pages["copied"] += partial > 0
+    shared, copied = parent.fork_pages()
+    pages["shared"] += shared
+    pages["copied"] += copied
     return parent.fork()
 
 

@@ -339,6 +339,12 @@ class Context:
         return tokens, out
 
     # ---- sharing and editing ----------------------------------------------------------------------
+    def fork_pages(self) -> tuple[int, int]:
+        """What `fork` would do to pages now: (full pages it shares, partial pages the child
+        copies on its first write: 0 or 1). Queued tokens but the last count: fork runs them."""
+        full, partial = divmod(len(self) - 1, self.model.page_size)
+        return full, int(partial > 0)
+
     def fork(self) -> Context:
         """A new context sharing this one's KV copy-on-write, with the same queued tokens.
 
